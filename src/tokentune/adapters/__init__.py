@@ -1,0 +1,1 @@
+"""Adapters: which parameters learn and how the model is changed. One file per method."""
