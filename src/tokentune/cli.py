@@ -1,0 +1,192 @@
+"""The `tokentune` command: train, eval, generate, export, methods, data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import TokentuneError
+
+
+def _table(title: str, columns: list[str], rows: list[list]):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
+    return table
+
+
+def _print(obj) -> None:
+    from rich.console import Console
+
+    Console().print(obj)
+
+
+def _env(device: str):
+    from .engine.distributed import setup
+
+    return setup(device)
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .engine.distributed import teardown
+    from .engine.session import build_session
+    from .engine.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    env = _env(cfg.train.device)
+    try:
+        session = build_session(cfg, env)
+        if env.is_main:
+            _print(session.splits.summary.render())
+        result = Trainer(session, resume=args.resume).train()
+    finally:
+        teardown(env)
+    if env.is_main:
+        before, after = result["before"], result["after"]
+        keys = sorted(set(before) | set(after))
+        if keys:
+            _print(_table("evaluation", ["metric", "before", "after"],
+                          [[k, before.get(k, "-"), after.get(k, "-")] for k in keys]))
+        _print(f"run directory: [bold]{result['run_dir']}[/]  (final model in final/, report in report.html)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .config import load_config
+    from .engine.session import build_session, run_config
+    from .probes.evaluation import Evaluation
+
+    target = Path(args.target)
+    trained = target if target.is_dir() else None
+    cfg = run_config(target, args.overrides) if trained else load_config(target, args.overrides)
+    env = _env(cfg.train.device)
+    session = build_session(cfg, env, trained_from=trained)
+    examples = session.splits.eval or session.splits.train
+    split = "eval" if session.splits.eval else "train"
+    samples: list = []
+    result = Evaluation(cfg.eval).run(session, examples, samples_out=samples)
+    _print(_table(f"evaluation of {args.target} on the {split} split ({len(examples)} examples)", ["metric", "value"],
+                  [[k, v] for k, v in result.items()]))
+    for sample in samples[:args.show]:
+        _print(sample)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .engine.session import build_session, run_config
+    from .probes.generation import generate_ids, render_prompt
+
+    cfg = run_config(Path(args.run_dir), [])
+    if cfg.model.task != "causal":
+        raise TokentuneError("generate needs a causal language model run", where=args.run_dir)
+    session = build_session(cfg, _env(args.device), with_data=False, trained_from=Path(args.run_dir))
+    prompts = args.prompt or [sys.stdin.read()]
+    ids = [render_prompt(session.tokenizer, p, chat=False if args.raw else None, system=args.system) for p in prompts]
+    with session.autocast():
+        outs = generate_ids(session.model, session.tokenizer, ids, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p)
+    for out in outs:
+        print(session.tokenizer.decode(out, skip_special_tokens=True))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .engine.export import export_merged
+
+    out = export_merged(Path(args.run_dir), Path(args.merge), device=args.device)
+    _print(f"merged model written to [bold]{out}[/] (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from . import registry
+
+    rows = []
+    for slot in registry.SLOTS:
+        for entry in registry.entries(slot):
+            rows.append([slot, entry.name, entry.description])
+    _print(_table("registered methods", ["slot", "name", "description"], rows))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from . import datasets_builtin
+
+    writers = {"tweets": datasets_builtin.write_tweet_sentiment, "bbc": datasets_builtin.write_bbc_news}
+    result = writers[args.name](Path(args.out_dir), seed=args.seed)
+    _print(result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokentune", description="Fine-tune language models efficiently.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a YAML config (key=value overrides)")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="e.g. train.lr=1e-4 adapter.r=8")
+    t.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="loss, perplexity and task metric of a config's model or a trained run")
+    e.add_argument("target", help="CONFIG.yaml or a run directory")
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--show", type=int, default=0, help="print this many generated samples")
+    e.add_argument("--json", action="store_true", help="also print the metrics as one JSON line")
+    e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate with a trained run (chat template applied for chat models)")
+    g.add_argument("run_dir")
+    g.add_argument("--prompt", action="append", help="may repeat; default: read standard input")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--system", default=None, help="system message for chat models")
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.set_defaults(fn=cmd_generate)
+
+    x = sub.add_parser("export", help="merge the adapter into the base weights: a plain Hugging Face directory")
+    x.add_argument("run_dir")
+    x.add_argument("--merge", required=True, metavar="OUT_DIR")
+    x.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    x.set_defaults(fn=cmd_export)
+
+    m = sub.add_parser("methods", help="list registered adapters, selectors, objectives, probes and recipes")
+    m.set_defaults(fn=cmd_methods)
+
+    d = sub.add_parser("data", help="write a built-in offline data set as JSONL")
+    d.add_argument("name", choices=["tweets", "bbc"])
+    d.add_argument("out_dir")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=cmd_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except TokentuneError as exc:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

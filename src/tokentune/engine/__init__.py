@@ -1,0 +1,1 @@
+"""Engine: the training loop, optimisers and schedules, checkpoints, distributed, logging."""
