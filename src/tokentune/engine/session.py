@@ -83,6 +83,7 @@ def build_session(cfg: RunConfig, env: DistEnv, *, with_data: bool = True, train
                         device=env.device)
     loaded.tokenizer = tokenizer
     adapter = registry.get("adapter", cfg.adapter.name).factory(cfg.adapter)
+    torch.manual_seed(cfg.train.seed)  # adapter init (e.g. LoRA's A) is then the same in every process and run
     adapter.attach(loaded.model, loaded.view)
     if trained_from is not None:
         _load_trained(adapter, Path(trained_from), env.device)

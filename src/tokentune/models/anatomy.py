@@ -93,6 +93,11 @@ class ModelView:
         return _get(self.backbone, self.family.embed)
 
     @property
+    def embeddings(self) -> dict[str, nn.Embedding]:
+        """Every embedding table (token; position and token-type where the family has them), by module name."""
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, nn.Embedding)}
+
+    @property
     def lm_head(self) -> nn.Module:
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         if head is None:
@@ -103,6 +108,24 @@ class ModelView:
     def head_prefixes(self) -> tuple[str, ...]:
         """Parameter-name prefixes of task heads (LM head, classifier) outside the backbone."""
         return tuple(n + "." for n, _ in self.model.named_children() if n != self.backbone_attr)
+
+    @property
+    def heads(self) -> dict[str, nn.Module]:
+        """Top-level modules outside the backbone that hold parameters: the LM head and any task head."""
+        return {n: m for n, m in self.model.named_children()
+                if n != self.backbone_attr and next(m.parameters(), None) is not None}
+
+    @property
+    def task_heads(self) -> dict[str, nn.Module]:
+        """Heads other than the LM head: a classifier or score layer, which transformers initialises fresh
+        when a checkpoint is loaded for a task (top-level name -> module)."""
+        out_emb = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        # Skip the LM head, or the module holding it (BERT's `cls`).
+        return {n: m for n, m in self.heads.items() if out_emb is None or not any(x is out_emb for x in m.modules())}
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        return _get(self.backbone, self.family.final_norm) if self.family.final_norm else None
 
     @property
     def tied_embeddings(self) -> bool:
@@ -119,6 +142,11 @@ class ModelView:
         """The block index a parameter belongs to, or None for embeddings/heads/norms outside blocks."""
         m = re.match(re.escape(f"{self.backbone_attr}.{self.family.layers}.") + r"(\d+)\.", param_name)
         return int(m.group(1)) if m else None
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The projection roles this family has (GPT-2 and BERT have no gate)."""
+        return tuple(r for r in ROLES if self.family.roles.get(r))
 
     def modules_for_roles(self, roles) -> dict[str, nn.Module]:
         """Full module names -> modules for the given roles (deduplicated: GPT-2's q/k/v share c_attn)."""
@@ -138,9 +166,10 @@ class ModelView:
         return out
 
     def role_of(self, module_name: str) -> list[str]:
-        """Roles a module name plays (empty if none)."""
-        roles = []
-        for role, paths in self.family.roles.items():
-            if any(module_name.endswith("." + p) for p in paths) and self.layer_of(module_name + ".x") is not None:
-                roles.append(role)
-        return roles
+        """Roles a module name plays (empty if none). The path inside the block must match exactly:
+        BERT's `attention.output.dense` (o) also ends with `output.dense` (down)."""
+        index = self.layer_of(module_name + ".x")
+        if index is None:
+            return []
+        inner = module_name[len(self.layer_prefix(index)):]
+        return [role for role, paths in self.family.roles.items() if inner in paths]
