@@ -13,7 +13,7 @@ import torch
 from .. import registry
 from ..config import RunConfig
 from ..data.collate import collate
-from ..data.packing import pack
+from ..data.packing import pack, packing_enabled
 from ..data.pipeline import Splits, build_data
 from ..errors import TokentuneError
 from ..models.loading import load_model, load_tokenizer, resolve_ref
@@ -47,15 +47,14 @@ class Session:
 
     @property
     def packing(self) -> bool:
-        packing = self.cfg.data.packing
-        return (self.cfg.model.task == "causal") if packing is None else packing
+        return packing_enabled(self.cfg.data, self.cfg.model.task)
 
     def train_rows(self) -> list:
         examples = self.splits.train
         return pack(examples, self.cfg.data.max_length) if self.packing else list(examples)
 
     def to_batch(self, rows) -> dict:
-        batch = collate(rows, self.tokenizer.pad_token_id, packed=self.packing and self.cfg.model.task == "causal")
+        batch = collate(rows, self.tokenizer.pad_token_id, packed=self.packing)
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def eval_batches(self, examples, batch_size: int | None = None):

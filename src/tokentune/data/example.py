@@ -1,0 +1,54 @@
+"""The tokenised record (Example) and the last step that makes one: truncation and the loss checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .records import RecordError
+
+IGNORE = -100
+
+
+@dataclass
+class Draft:
+    """A tokenised record before truncation."""
+
+    input_ids: list[int]
+    labels: list[int]
+    n_prompt: int | None = None  # leading tokens that are the generation prompt
+    reference: str | None = None
+    class_label: int | None = None
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # same length, unshifted (labels[t] is the target at t), -100 = no loss; labels[0] = -100
+    source: str  # "train.jsonl:17"
+    index: int  # position of this example in its split's list (dense, 0..n-1)
+    prompt_ids: list[int] | None = None  # what generation continues from (prompt_completion, messages)
+    reference: str | None = None  # the expected completion text, for exact match
+    class_label: int | None = None  # classification
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def finalize(draft: Draft, *, source: str, index: int, max_length: int, side: str,
+             require_loss: bool) -> tuple[Example, bool]:
+    """Truncate to max_length on `side`; returns (example, whether it was truncated)."""
+    n = len(draft.input_ids)
+    start, stop = (0, n) if n <= max_length else ((0, max_length) if side == "right" else (n - max_length, n))
+    ids, labels = draft.input_ids[start:stop], draft.labels[start:stop]
+    if not ids:
+        raise RecordError("the record tokenises to no tokens", source=source)
+    # Position 0 has nothing before it to predict from; in a packed row it would predict across records.
+    labels[0] = IGNORE
+    if require_loss and all(label == IGNORE for label in labels):
+        cut = f" after truncation to data.max_length={max_length} ({n} tokens)" if n > max_length else ""
+        raise RecordError(f"no token of this record carries loss{cut}", source=source,
+                          fix="raise data.max_length, shorten the record, or set data.on_bad_record: drop")
+    prompt = None
+    if draft.n_prompt is not None:
+        prompt = draft.input_ids[start:max(start, min(stop, draft.n_prompt))]
+    return Example(ids, labels, source, index, prompt, draft.reference, draft.class_label), stop - start < n
