@@ -79,7 +79,11 @@ def _check_hub_reachable(hub_id: str) -> None:
 def load_tokenizer(ref: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise TokentuneError(f"could not load a tokenizer from {ref!r}: {exc}", where="model.name",
+                             fix="the model directory needs tokenizer files (tokenizer.json or vocab files)") from None
     if tok.pad_token_id is None:
         # Padding positions never carry loss or attention, so any id works; EOS is the usual choice.
         if tok.eos_token_id is None:
