@@ -86,15 +86,19 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .engine.session import build_session, run_config
+    from .engine.session import build_session, read_meta, run_config
     from .probes.generation import generate_ids, render_prompt
 
     cfg = run_config(Path(args.run_dir), [])
+    # Prompt the way the run was trained: chat template after chat (messages) data, raw text after
+    # prompt/completion or text data; with neither flag and no record of the format, chat models get the template.
+    trained_format = read_meta(Path(args.run_dir)).get("data_format")
+    chat = True if args.chat else False if args.raw else (None if trained_format in (None, "messages") else False)
     if cfg.model.task != "causal":
         raise TokentuneError("generate needs a causal language model run", where=args.run_dir)
     session = build_session(cfg, _env(args.device), with_data=False, trained_from=Path(args.run_dir))
     prompts = args.prompt or [sys.stdin.read()]
-    ids = [render_prompt(session.tokenizer, p, chat=False if args.raw else None, system=args.system) for p in prompts]
+    ids = [render_prompt(session.tokenizer, p, chat=chat, system=args.system) for p in prompts]
     with session.autocast():
         outs = generate_ids(session.model, session.tokenizer, ids, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_p=args.top_p)
@@ -148,14 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="also print the metrics as one JSON line")
     e.set_defaults(fn=cmd_eval)
 
-    g = sub.add_parser("generate", help="generate with a trained run (chat template applied for chat models)")
+    g = sub.add_parser("generate", help="generate with a trained run (chat template for chat models trained on chat data)")
     g.add_argument("run_dir")
     g.add_argument("--prompt", action="append", help="may repeat; default: read standard input")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--system", default=None, help="system message for chat models")
-    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    how = g.add_mutually_exclusive_group()
+    how.add_argument("--chat", action="store_true", help="apply the chat template (default after chat data)")
+    how.add_argument("--raw", action="store_true",
+                     help="do not apply the chat template (default after prompt/completion or text data)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.set_defaults(fn=cmd_generate)
 

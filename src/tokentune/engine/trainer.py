@@ -214,6 +214,7 @@ class Trainer:
                 self.s.tokenizer.save_pretrained(str(tmp))
                 meta = {"base_model": self.s.ref, "model_name": self.cfg.model.name, "task": self.cfg.model.task,
                         "adapter": self.cfg.adapter.name,
-                        "label_names": self.s.splits.label_names if self.s.splits else None}
+                        "label_names": self.s.splits.label_names if self.s.splits else None,
+                        "data_format": self.s.splits.format if self.s.splits else None}
                 (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         self.env.barrier()
