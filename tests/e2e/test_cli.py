@@ -34,6 +34,7 @@ def test_run_directory_contents(trained):
 def test_refuses_to_overwrite_a_run(trained):
     tmp, _ = trained
     assert main(["train", str(tmp / "config.yaml")]) == 2
+    assert main(["train", str(tmp / "config.yaml"), "--resume"]) == 2  # finished: nothing to resume
 
 
 def test_eval_generate(trained, capsys):

@@ -54,19 +54,21 @@ class Trainer:
         self.evaluation = Evaluation(self.cfg.eval)
 
     # --- set-up -------------------------------------------------------------------------------
-    def _prepare_run_dir(self) -> int:
-        """Returns the step to start from; refuses to overwrite a previous run unless resuming."""
-        ckpt = latest_checkpoint(self.run_dir)
-        if not self.resume and (ckpt is not None or (self.run_dir / "final").exists()):
+    def _prepare_run_dir(self) -> None:
+        """Refuses to overwrite a previous run unless resuming, and to resume a finished one."""
+        has_run = latest_checkpoint(self.run_dir) is not None or (self.run_dir / "final").exists()
+        if not self.resume and has_run:
             raise TokentuneError(
                 f"output directory {self.run_dir} already holds a run", where="train.output_dir",
                 fix="pass --resume to continue it, choose another train.output_dir, or delete the directory",
             )
+        if self.resume and (self.run_dir / "final").exists():
+            raise TokentuneError(f"the run in {self.run_dir} has finished (final/ exists); nothing to resume",
+                                 where="--resume", fix="train a new run in another train.output_dir")
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
             atomic_write_text(self.run_dir / "data_summary.json", json.dumps(self.s.splits.summary.to_dict(), indent=1))
-        return 0 if ckpt is None or not self.resume else json.loads((ckpt / "trainer_state.json").read_text())["step"]
 
     def _restore(self, optimizer, scheduler) -> int:
         ckpt = latest_checkpoint(self.run_dir)

@@ -32,9 +32,9 @@ def loss_metrics(model, view, objective, batches, *, chunk_size: int, autocast) 
     if weight == 0:
         return {}
     loss = total / weight
+    if view.is_encoder:  # a class loss, not a language model: perplexity would mean nothing
+        return {"eval/loss": loss, "eval/accuracy": correct / weight}
     result = {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
-    if view.is_encoder:
-        result["eval/accuracy"] = correct / weight
     return result
 
 
