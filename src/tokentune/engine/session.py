@@ -88,8 +88,12 @@ def build_session(cfg: RunConfig, env: DistEnv, *, with_data: bool = True, train
         _load_trained(adapter, Path(trained_from), env.device)
     objective = registry.get("objective", cfg.objective.name).factory(cfg.objective)
     selectors = [registry.get("selector", s.name).factory(s) for s in cfg.selectors]
-    return Session(cfg=cfg, env=env, model=loaded.model, tokenizer=tokenizer, view=loaded.view, ref=loaded.ref,
-                   adapter=adapter, objective=objective, selectors=selectors, splits=splits)
+    session = Session(cfg=cfg, env=env, model=loaded.model, tokenizer=tokenizer, view=loaded.view, ref=loaded.ref,
+                      adapter=adapter, objective=objective, selectors=selectors, splits=splits)
+    for selector in selectors:  # selectors that act inside the model (e.g. token elimination) install here
+        if hasattr(selector, "attach"):
+            selector.attach(session)
+    return session
 
 
 def run_config(run_dir: Path, overrides: list[str] = ()) -> RunConfig:

@@ -14,7 +14,8 @@ from torch import nn
 from ..config import save_config
 from ..errors import TokentuneError
 from ..probes.evaluation import Evaluation
-from ..selection.base import apply_selectors
+from ..selection.base import apply_selectors, drop_empty_rows
+from ..selection.signals import SelectionContext
 from .atomic import atomic_dir, atomic_write_text
 from .batching import Schedule
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
@@ -52,6 +53,7 @@ class Trainer:
         self.schedule = Schedule(len(self.rows), t.batch_size, t.grad_accum, self.env.world_size)
         self.total_steps = self.schedule.total_steps(t.max_steps, t.epochs)
         self.evaluation = Evaluation(self.cfg.eval)
+        self.selection = SelectionContext(session, session.selectors, self.total_steps) if session.selectors else None
 
     # --- set-up -------------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
@@ -97,14 +99,21 @@ class Trainer:
         epoch, in_epoch = divmod(step, self.schedule.steps_per_epoch)
         batches = []
         for rows in self.schedule.micro_batches(self.cfg.train.seed, epoch, in_epoch, self.env.rank):
-            if rows:
-                batch = self.s.to_batch([self.rows[i] for i in rows])
-            else:  # this rank has no rows left in the epoch: a zero-weight row keeps the collectives in step
+            if not rows:  # this rank has no rows left in the epoch: a zero-weight row keeps the collectives in step
                 batch = self.s.to_batch([self.rows[0]])
                 batch["loss_weights"] = torch.zeros_like(batch["loss_weights"])
-                if "sample_weights" in batch or "class_labels" in batch:
+                if "class_labels" in batch:
                     batch["sample_weights"] = torch.zeros(batch["input_ids"].shape[0], device=self.env.device)
-            batches.append(apply_selectors(self.s.selectors, batch, self.s))
+                batches.append(batch)
+                continue
+            batch = self.s.to_batch([self.rows[i] for i in rows])
+            if self.selection is not None:
+                self.selection.step = step
+                self.selection.record_kept(batch, "before")
+                batch = apply_selectors(self.s.selectors, batch, self.selection.signals(batch))
+                self.selection.record_kept(batch, "after")
+                batch = drop_empty_rows(batch)
+            batches.append(batch)
         return batches
 
     def _step(self, step: int, wrapped, optimizer, scheduler, params) -> dict:
@@ -131,9 +140,14 @@ class Trainer:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if self.selection is not None:
+            self.selection.after_optimizer_step()
         loss = float(self.env.all_reduce_sum(loss_total) / denom)
         tokens = int(self.env.all_reduce_sum(torch.tensor(tokens, device=self.env.device)))
-        return {"loss": loss, "grad_norm": grad_norm, "tokens": tokens, "loss_tokens": float(global_weight)}
+        stats = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens, "loss_tokens": float(global_weight)}
+        if self.selection is not None:
+            stats.update(self.selection.metrics())
+        return stats
 
     # --- the loop ----------------------------------------------------------------------------
     def train(self) -> dict:
@@ -164,7 +178,8 @@ class Trainer:
                 record = {"step": done, "loss": stats["loss"], "lr": scheduler.get_last_lr()[0],
                           "grad_norm": stats["grad_norm"], "tokens": stats["tokens"],
                           "loss_tokens": stats["loss_tokens"], "tokens_per_s": round(tps, 1),
-                          "epoch": round(done / self.schedule.steps_per_epoch, 4)}
+                          "epoch": round(done / self.schedule.steps_per_epoch, 4),
+                          **{k: v for k, v in stats.items() if "/" in k}}
                 if done % t.log_every == 0 or done == self.total_steps:
                     log.log(record)
                 bar.update(done, stats["loss"], record["lr"], tps)
