@@ -97,3 +97,17 @@ def test_module_entry_point(tmp_path, capsys):
     assert len(read(tmp_path / "t" / "eval.jsonl")) == 3
     with pytest.raises(SystemExit):
         main(["bbc", str(tmp_path / "b"), "--format", "messages"])
+
+
+def test_arithmetic_is_deterministic_disjoint_and_exact(tmp_path):
+    from tokentune.datasets_math import write_arithmetic
+
+    a = write_arithmetic(tmp_path / "a", n_train=30, n_eval=10, seed=3)
+    b = write_arithmetic(tmp_path / "b", n_train=30, n_eval=10, seed=3)
+    assert a["train"].read_text() == b["train"].read_text()
+    rows = {split: [json.loads(line) for line in a[split].read_text().splitlines()] for split in ("train", "eval")}
+    questions = {split: {r["messages"][0]["content"] for r in rs} for split, rs in rows.items()}
+    assert len(questions["train"]) == 30 and len(questions["eval"]) == 10
+    assert not questions["train"] & questions["eval"]
+    for r in rows["train"]:  # the answer is a number, as the instruction asks
+        float(r["messages"][1]["content"])

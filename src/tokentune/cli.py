@@ -127,9 +127,10 @@ def cmd_methods(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from . import datasets_builtin
+    from . import datasets_builtin, datasets_math
 
-    writers = {"tweets": datasets_builtin.write_tweet_sentiment, "bbc": datasets_builtin.write_bbc_news}
+    writers = {"tweets": datasets_builtin.write_tweet_sentiment, "bbc": datasets_builtin.write_bbc_news,
+               "math": datasets_math.write_arithmetic}
     result = writers[args.name](Path(args.out_dir), seed=args.seed)
     _print(result)
     return 0
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_methods)
 
     d = sub.add_parser("data", help="write a built-in offline data set as JSONL")
-    d.add_argument("name", choices=["tweets", "bbc"])
+    d.add_argument("name", choices=["tweets", "bbc", "math"])
     d.add_argument("out_dir")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_data)
