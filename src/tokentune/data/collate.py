@@ -21,7 +21,7 @@ def collate(items: list[PackedRow] | list[Example], pad_id: int | None, *, packe
     if not all(isinstance(item, kind) for item in items):
         raise TypeError(f"collate(packed={packed}) takes {kind.__name__} items")
     width = max(len(item.input_ids) for item in items)
-    ids, labels, positions, samples, mask, seq_lens = [], [], [], [], [], []
+    ids, labels, positions, samples, mask, seq_lens, weights = [], [], [], [], [], [], []
     for item in items:
         n, pad = len(item.input_ids), width - len(item.input_ids)
         if packed:
@@ -34,6 +34,7 @@ def collate(items: list[PackedRow] | list[Example], pad_id: int | None, *, packe
         samples.append(list(sample) + [-1] * pad)
         mask.append([1] * n + [0] * pad)
         seq_lens.append(list(lens))
+        weights.append(list(item.weights or [1.0] * n) + [0.0] * pad)  # Example: None; PackedRow: filled by add()
     most = max(len(lens) for lens in seq_lens)
     batch = {
         "input_ids": torch.tensor(ids, dtype=torch.long),
@@ -44,7 +45,8 @@ def collate(items: list[PackedRow] | list[Example], pad_id: int | None, *, packe
         "num_segments": torch.tensor([len(lens) for lens in seq_lens], dtype=torch.long),
         "seq_lens": torch.tensor([lens + [0] * (most - len(lens)) for lens in seq_lens], dtype=torch.long),
     }
-    batch["loss_weights"] = (batch["labels"] != IGNORE).to(torch.float32)
+    # An example's own weights (e.g. TL-Training's key tokens) where it has them; 1.0 on every label token otherwise.
+    batch["loss_weights"] = torch.tensor(weights, dtype=torch.float32) * (batch["labels"] != IGNORE)
     if not packed:
         class_labels = [item.class_label for item in items]
         if all(c is not None for c in class_labels):

@@ -18,6 +18,7 @@ class Draft:
     n_prompt: int | None = None  # leading tokens that are the generation prompt
     reference: str | None = None
     class_label: int | None = None
+    weights: list[float] | None = None  # per-token loss weights (same length as input_ids); None: 1.0
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Example:
     prompt_ids: list[int] | None = None  # what generation continues from (prompt_completion, messages)
     reference: str | None = None  # the expected completion text, for exact match
     class_label: int | None = None  # classification
+    weights: list[float] | None = None  # per-token loss weights, aligned with labels; None: 1.0 on label tokens
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -51,4 +53,10 @@ def finalize(draft: Draft, *, source: str, index: int, max_length: int, side: st
     prompt = None
     if draft.n_prompt is not None:
         prompt = draft.input_ids[start:max(start, min(stop, draft.n_prompt))]
-    return Example(ids, labels, source, index, prompt, draft.reference, draft.class_label), stop - start < n
+    weights = None
+    if draft.weights is not None:
+        if len(draft.weights) != n:
+            raise ValueError(f"{source}: {len(draft.weights)} weights for {n} tokens")
+        weights = draft.weights[start:stop]
+    example = Example(ids, labels, source, index, prompt, draft.reference, draft.class_label, weights)
+    return example, stop - start < n

@@ -15,6 +15,7 @@ class PackedRow:
     position_ids: list[int] = field(default_factory=list)  # restart at 0 for each example
     sample_index: list[int] = field(default_factory=list)  # example.index of each token
     seq_lens: list[int] = field(default_factory=list)  # length of each example in the row
+    weights: list[float] = field(default_factory=list)  # per-token loss weights (1.0 where an example has none)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -26,6 +27,7 @@ class PackedRow:
         self.position_ids += range(n)
         self.sample_index += [example.index] * n
         self.seq_lens.append(n)
+        self.weights += example.weights if example.weights is not None else [1.0] * n
 
 
 def pack(examples: list[Example], max_length: int) -> list[PackedRow]:

@@ -88,6 +88,9 @@ def build_session(cfg: RunConfig, env: DistEnv, *, with_data: bool = True, train
         _load_trained(adapter, Path(trained_from), env.device)
     objective = registry.get("objective", cfg.objective.name).factory(cfg.objective)
     selectors = [registry.get("selector", s.name).factory(s) for s in cfg.selectors]
+    for selector in selectors:  # selectors that work on the records (e.g. TL-Training) rebuild the splits here
+        if splits is not None and hasattr(selector, "prepare_data"):
+            splits = selector.prepare_data(splits, cfg.data, tokenizer, is_main=env.is_main)
     session = Session(cfg=cfg, env=env, model=loaded.model, tokenizer=tokenizer, view=loaded.view, ref=loaded.ref,
                       adapter=adapter, objective=objective, selectors=selectors, splits=splits)
     for selector in selectors:  # selectors that act inside the model (e.g. token elimination) install here
