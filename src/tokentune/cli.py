@@ -136,6 +136,30 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_critical_tokens(args) -> int:
+    from .selection.critical_tokens_offline import score_file
+
+    result = score_file(args.data, Path(args.positive), Path(args.negative), Path(args.out), _env(args.device),
+                        beta=args.beta, batch_size=args.batch_size, share_base=not args.no_share_base,
+                        overrides=args.overrides)
+    _print(_table("critical-token scores", ["", "value"], [[k, v] for k, v in result.items()]))
+    return 0
+
+
+def cmd_select(args) -> int:
+    from .selection.got_d import GotDConfig, select_files, summary_path
+
+    # Flags left unset (None) take GotDConfig's defaults.
+    options = {k: v for k, v in vars(args).items() if k in GotDConfig.model_fields and v is not None}
+    s = select_files(args.data, args.target, args.out, **options)
+    rows = [["selected", f"{s['selected']} of {s['candidates']['records']}"], ["target records", s["target"]["records"]],
+            ["OT cost", s["ot_cost"]], ["Sinkhorn iterations", f"{s['solver']['iterations']} (converged: {s['solver']['converged']})"],
+            ["seconds (embed / OT / total)", " / ".join(f"{s['timings_s'][k]:.1f}" for k in ("embed", "solve", "total"))],
+            ["output", s["output"]], ["summary", str(summary_path(Path(s["output"])))]]
+    _print(_table("GOT-D selection", ["", "value"], rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokentune", description="Fine-tune language models efficiently.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -181,6 +205,39 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("out_dir")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_data)
+
+    c = sub.add_parser("critical-tokens", help="cDPO: score every label token of DATA with a positive and a negative run")
+    c.add_argument("data", help="a data file in any format the data pipeline reads")
+    c.add_argument("--set", action="append", default=[], dest="overrides", metavar="data.KEY=VALUE",
+                   help="may repeat: changes the positive run's data section, e.g. --set data.max_length=1024")
+    c.add_argument("--positive", required=True, metavar="RUN_DIR", help="run trained on correct solutions")
+    c.add_argument("--negative", required=True, metavar="RUN_DIR", help="run trained on incorrect solutions")
+    c.add_argument("-o", "--out", required=True, metavar="OUT.jsonl")
+    c.add_argument("--beta", type=float, default=1.0, help="softmax((1+beta)*z_pos - beta*z_neg)")
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--no-share-base", action="store_true", help="load two whole models even for two LoRA runs of one base")
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    c.set_defaults(fn=cmd_critical_tokens)
+    s = sub.add_parser("select", help="GOT-D: select a budget of DATA records that move it toward TARGET (offline)")
+    s.add_argument("data", help="candidate pool: .jsonl/.json/.csv/.parquet or a datasets directory")
+    s.add_argument("--target", required=True, help="target records (same formats)")
+    s.add_argument("--budget", required=True, type=int, help="how many candidates to select")
+    s.add_argument("-o", "--out", required=True, metavar="OUT.jsonl", help="also writes OUT.jsonl.summary.json")
+    s.add_argument("--embedder", help="builtin:minilm-l6 (default), a local encoder directory, or a hub id when online")
+    s.add_argument("--text-field", help="embed this string field (default: text, prompt+completion, or messages)")
+    s.add_argument("--cost", choices=["cosine", "l2", "l1"], help="ground cost between embeddings (default cosine)")
+    s.add_argument("--epsilon", type=float, help="entropic regularisation, times the mean cost (default 0.05)")
+    s.add_argument("--absolute-epsilon", dest="relative_epsilon", action="store_false", default=None,
+                   help="use --epsilon as is, not scaled by the mean cost")
+    s.add_argument("--contrast", action="store_true", default=None,
+                   help="select the most positive gradients: push away from TARGET (e.g. toxic examples)")
+    s.add_argument("--dedup", action="store_true", default=None, help="skip exact duplicate texts in the selection")
+    s.add_argument("--max-iter", type=int, help="Sinkhorn iterations at most (default 2000)")
+    s.add_argument("--tol", type=float, help="Sinkhorn marginal-error tolerance (default 1e-6)")
+    s.add_argument("--batch-size", type=int, help="texts per embedding batch (default 64)")
+    s.add_argument("--max-length", type=int, help="tokens per text for the embedder (default 256)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="for embedding and OT (default auto)")
+    s.set_defaults(fn=cmd_select)
     return p
 
 
@@ -208,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     except TokentuneError as exc:
         from rich.console import Console
 
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        console = Console(stderr=True)
+        console.print("error:", style="bold red", end=" ")
+        console.print(str(exc), markup=False, highlight=False)
         return 2
 
 
