@@ -166,8 +166,9 @@ def test_keeping_everything_equals_the_plain_layer(packed):
     pos = POS if packed else torch.arange(40).expand(2, -1)
     hidden, kwargs = _layer_inputs(model, view, _batch(pos))
     layer = view.layers[0]
+    everything = torch.ones(2, 40, dtype=torch.bool)
     results = []
-    for run in (lambda h: layer(h, **kwargs), lambda h: gathered_forward(layer.forward, h, torch.ones(2, 40, dtype=torch.bool), kwargs, "bool")):
+    for run in (lambda h: layer(h, **kwargs), lambda h: gathered_forward(layer.forward, h, everything, kwargs, "bool")):
         layer.zero_grad()
         h = hidden.clone().requires_grad_(True)
         out = run(h)
@@ -358,7 +359,8 @@ def test_trainer_keep_all_equals_plain_training_and_eliminating_reports(tmp_path
     assert losses(tmp_path / "inf" / "run") == losses(tmp_path / "plain" / "run")
     assert _metrics(tmp_path / "inf" / "run")[0]["select/lemo_keep"] == 1.0
     cfg = write_config(tmp_path / "sparse", **short)  # calibrated + tuned thresholds, from the session's data
-    assert main(["train", str(cfg), "selectors=[{name: lemo, block_size: 8, calibration_batches: 1, tune_steps: 1, tune_eps: 0.3}]"]) == 0
+    lemo = "{name: lemo, block_size: 8, calibration_batches: 1, tune_steps: 1, tune_eps: 0.3}"
+    assert main(["train", str(cfg), f"selectors=[{lemo}]"]) == 0
     record = _metrics(tmp_path / "sparse" / "run")[0]  # layer 0 does not eliminate by default
     assert 0 < record["select/lemo_keep_layer_1"] < 1 and "select/lemo_keep_layer_0" not in record
     assert record["select/lemo_keep"] == pytest.approx((1 + record["select/lemo_keep_layer_1"]) / 2)
