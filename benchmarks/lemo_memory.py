@@ -16,7 +16,8 @@ fixed at 64 KiB, so freed large blocks go back to the OS and peak RSS follows li
 threshold otherwise keeps them in the heap, and the same setting's peak varied by 1.5 GB between runs).
 The parent prints one JSON object.
 
-  python benchmarks/lemo_memory.py --predictor      # CPU: about 10 min on 2 quiet cores
+  python benchmarks/lemo_memory.py                  # CPU: about 7 min on 2 quiet cores
+  python benchmarks/lemo_memory.py --predictor      # also with predictors: about 14 min
   python benchmarks/lemo_memory.py --predictor --seqs 4096 8192 16384 --steps 3   # on a GPU
 """
 
@@ -120,7 +121,8 @@ def run_setting(args) -> dict:
     result = {"seq": seq, "keep_ratio": args.keep, "scores": args.scores, "device": str(device)}
     selector = None
     if args.keep < 1:
-        options = dict(mode="ratio", keep_ratio=args.keep, block_size=args.block_size, causal_scores=args.causal_scores)
+        options = dict(mode="ratio", keep_ratio=args.keep, block_size=args.block_size, causal_scores=args.causal_scores,
+                       layers=parse_layers(args.layers))
         if args.scores == "predictor":
             options.update(predictor=True, calibration_batches=CALIBRATION_CHUNKS)
         selector = Lemo(LemoConfig(**options))
@@ -172,11 +174,19 @@ def run_child(args, seq: int, keep: float, scores: str, steps: int, warmup: int,
            "--device", args.device, "--seq", str(seq), "--keep", str(keep), "--scores", scores,
            "--steps", str(steps), "--warmup", str(warmup)]
     cmd += (["--heldout"] if heldout else []) + (["--causal-scores"] if args.causal_scores else [])
+    cmd += ["--layers", args.layers] if args.layers else []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
     row = json.loads(out)
     print(f"seq {seq} keep {keep} {scores}: {row['step_s']:.1f} s/step", file=sys.stderr)
     return row
+
+
+def parse_layers(text: str | None):
+    """lemo's `layers`: None (every layer but the first), "all", or a comma-separated list."""
+    if text in (None, "all"):
+        return text
+    return [int(x) for x in text.split(",")]
 
 
 def settings(keeps: list[float], predictor: bool) -> list[tuple[float, str]]:
@@ -209,6 +219,7 @@ def main() -> None:
     p.add_argument("--quality-steps", type=int, default=4, help="training steps before the held-out loss (0: skip)")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--causal-scores", action="store_true", help="lemo's causal_scores option")
+    p.add_argument("--layers", help="lemo's layers: all, or e.g. 0,5,29 (default: every layer but the first)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", default="auto")
     p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
@@ -231,7 +242,7 @@ def main() -> None:
 
     print(json.dumps({
         "benchmark": "lemo_memory", "model": args.model, "batch": 1, "lora_r": 16, "block_size": args.block_size,
-        "causal_scores": args.causal_scores, "steps": args.steps, "warmup": args.warmup, "lr": args.lr,
+        "causal_scores": args.causal_scores, "layers": args.layers or "default", "steps": args.steps, "warmup": args.warmup, "lr": args.lr,
         "sweep": sweep, "quality": {"seq": args.quality_seq, "steps": args.quality_steps, "results": quality},
         "wall_s": round(time.time() - start, 1),
         "env": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
