@@ -52,18 +52,8 @@ def draft_messages(messages: list[dict], tokenizer, *, assistant_only: bool, sou
             raise RecordError(f"the chat template failed on this conversation: {exc}", source=source) from None
 
     full = render(messages, False)
-    spans = []
-    for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
-            continue
-        before, upto = render(messages[:i], True), render(messages[:i + 1], False)
-        if not upto.startswith(before) or not full.startswith(upto):
-            raise TokentuneError(
-                "the chat template is not prefix-stable: rendering the conversation up to message "
-                f"{i} is not a prefix of rendering more of it, so assistant tokens cannot be located",
-                where=f"{source} (message {i})",
-                fix="use format prompt_completion with the conversation rendered into prompt and completion")
-        spans.append((len(before), len(upto)))
+    spans = [assistant_span(render, messages, i, full, source)
+             for i, msg in enumerate(messages) if msg["role"] == "assistant"]
 
     # The template already holds its special tokens; verbose=False: finalize() truncates, no length warning.
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
@@ -77,6 +67,19 @@ def draft_messages(messages: list[dict], tokenizer, *, assistant_only: bool, sou
     n_prompt = sum(1 for _, end in offsets if end <= last_start)
     reference = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
     return Draft(ids, labels, n_prompt=n_prompt, reference=reference)
+
+
+def assistant_span(render, messages: list[dict], i: int, full: str, source: str) -> tuple[int, int]:
+    """Character span of assistant message i in `full`, found by rendering prefixes;
+    render(msgs, generation_prompt) -> str. Errors if the template is not prefix-stable."""
+    before, upto = render(messages[:i], True), render(messages[:i + 1], False)
+    if not upto.startswith(before) or not full.startswith(upto):
+        raise TokentuneError(
+            "the chat template is not prefix-stable: rendering the conversation up to message "
+            f"{i} is not a prefix of rendering more of it, so assistant tokens cannot be located",
+            where=f"{source} (message {i})",
+            fix="use format prompt_completion with the conversation rendered into prompt and completion")
+    return len(before), len(upto)
 
 
 def _inside(start: int, end: int, spans: list[tuple[int, int]]) -> bool:

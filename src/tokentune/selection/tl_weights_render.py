@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..data.chat import assistant_span
 from ..data.example import IGNORE, Draft
 from ..data.records import RecordError
 from ..errors import TokentuneError
@@ -87,15 +88,7 @@ class Renderer:
         return Draft(ids, labels, n_prompt=n_prompt, reference=messages[last]["content"], weights=weights), stats
 
     def _span(self, messages, i, full, schemas, source) -> tuple[int, int]:
-        before = self.render(messages[:i], schemas, True, source)
-        upto = self.render(messages[:i + 1], schemas, False, source)
-        if not upto.startswith(before) or not full.startswith(upto):
-            raise TokentuneError(
-                "the chat template is not prefix-stable: rendering the conversation up to message "
-                f"{i} is not a prefix of rendering more of it, so assistant tokens cannot be located",
-                where=f"{source} (message {i})",
-                fix="use format prompt_completion with the conversation rendered into prompt and completion")
-        return len(before), len(upto)
+        return assistant_span(lambda msgs, gen: self.render(msgs, schemas, gen, source), messages, i, full, source)
 
     def _weigh(self, message, span, full, offsets, tokens, tools, weights, source) -> TurnStats:
         calls, unlocated = self._calls(message, span, full, source)
