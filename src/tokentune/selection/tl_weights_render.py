@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from ..data.chat import assistant_span
 from ..data.example import IGNORE, Draft
 from ..data.records import RecordError
-from ..errors import TokentuneError
 from .tl_weights_calls import Call, locate_rendered_calls, parse_text_calls, structured_calls
 
 
