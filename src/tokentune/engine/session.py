@@ -81,7 +81,10 @@ def build_session(cfg: RunConfig, env: DistEnv, *, with_data: bool = True, train
     loaded = load_model(cfg.model, num_labels=len(label_names) if label_names else None, label_names=label_names,
                         device=env.device)
     loaded.tokenizer = tokenizer
+    loaded.view.tokenizer = tokenizer  # prompt methods initialise from the embeddings of a text
     adapter = registry.get("adapter", cfg.adapter.name).factory(cfg.adapter)
+    if splits is not None and hasattr(adapter, "prepare_data"):  # adapters that read the records (CPT's context)
+        splits = adapter.prepare_data(splits, cfg.data, tokenizer, is_main=env.is_main)
     torch.manual_seed(cfg.train.seed)  # adapter init (e.g. LoRA's A) is then the same in every process and run
     adapter.attach(loaded.model, loaded.view)
     if trained_from is not None:

@@ -36,10 +36,35 @@ class _StepModule(nn.Module):
     def forward(self, batch):
         s = self.session
         out = s.objective(self.model, s.view, batch, chunk_size=s.cfg.train.loss_chunk_size)
-        return out.loss_sum, out.weight_sum
+        loss_sum, weight_sum = out.loss_sum, out.weight_sum
+        aux = getattr(s.adapter, "aux_loss", None)  # an adapter's own loss term (CPT's context labels)
+        if aux is not None:
+            extra = aux(self.model, s.view, batch)
+            if extra is not None:
+                loss_sum, weight_sum = loss_sum + extra.loss_sum, weight_sum + extra.weight_sum
+        return loss_sum, weight_sum
+
+
+def _weight_total(session: Session, batch: dict):
+    total = session.objective.weight_total(batch)
+    aux = getattr(session.adapter, "aux_weight_total", None)
+    return total + aux(batch) if aux is not None else total
 
 
 class Trainer:
+    """Adapters may define training hooks, called with this trainer (duck-typed, all optional):
+
+    on_train_start(trainer)            optimiser and scheduler exist (trainer.optimizer, trainer.scheduler)
+    on_step_start(trainer, step)       before the step's micro-batches (HFT/GreenTrainer re-selection, LT-SFT phases)
+    after_backward(trainer, step, stats)   gradients of the step are complete, before clipping (gradient masks;
+                                       set a parameter's .grad to None to skip it this step)
+    after_optimizer_step(trainer, step)    after optimiser.step() (projections, pruning schedules)
+    should_stop(trainer, step) -> bool     end training early after this step (LocFT-BF's loss threshold)
+    finalize(trainer)                  before the final artefact is saved (DSEE's pruning of merged weights)
+    aux_loss(model, view, batch) / aux_weight_total(batch)   an extra loss term and its normaliser share
+
+    Hook state that matters for resuming belongs in the adapter's state_dict()."""
+
     def __init__(self, session: Session, *, resume: bool = False):
         self.s = session
         self.cfg = session.cfg
@@ -54,6 +79,12 @@ class Trainer:
         self.total_steps = self.schedule.total_steps(t.max_steps, t.epochs)
         self.evaluation = Evaluation(self.cfg.eval)
         self.selection = SelectionContext(session, session.selectors, self.total_steps) if session.selectors else None
+        self.optimizer = self.scheduler = None
+        self.step_stats: dict = {}
+
+    def _hook(self, name: str, *args):
+        fn = getattr(self.s.adapter, name, None)
+        return fn(self, *args) if fn is not None else None
 
     # --- set-up -------------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
@@ -95,6 +126,11 @@ class Trainer:
         return ts["step"]
 
     # --- one optimiser step -------------------------------------------------------------------
+    def micro_batches(self, step: int) -> list[dict]:
+        """The micro-batches of optimiser step `step` on this rank, selectors applied (public for adapter hooks
+        that score parameters on real data, e.g. GreenTrainer's importance)."""
+        return self._micro_batches(step)
+
     def _micro_batches(self, step: int) -> list[dict]:
         epoch, in_epoch = divmod(step, self.schedule.steps_per_epoch)
         batches = []
@@ -119,8 +155,9 @@ class Trainer:
     def _step(self, step: int, wrapped, optimizer, scheduler, params) -> dict:
         # Re-seeding per step makes dropout a pure function of (seed, step, rank): resume-safe.
         torch.manual_seed(self.cfg.train.seed * 1_000_003 + step * 7919 + self.env.rank)
+        self._hook("on_step_start", step)
         batches = self._micro_batches(step)
-        local_weight = sum(self.s.objective.weight_total(b) for b in batches)
+        local_weight = sum(_weight_total(self.s, b) for b in batches)
         global_weight = self.env.all_reduce_sum(torch.as_tensor(local_weight, dtype=torch.float32, device=self.env.device))
         denom = global_weight.clamp_min(1e-12)
         loss_total = torch.zeros((), device=self.env.device)
@@ -134,12 +171,15 @@ class Trainer:
                 (loss_sum / denom * self.env.world_size).backward()
             loss_total += loss_sum.detach()
             tokens += int(batch["attention_mask"].sum())
+        self.step_stats = {"loss": float(self.env.all_reduce_sum(loss_total.clone()) / denom)}
+        self._hook("after_backward", step, self.step_stats)
         grad_norm = None
         if self.cfg.train.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        self._hook("after_optimizer_step", step)
         if self.selection is not None:
             self.selection.after_optimizer_step()
         loss = float(self.env.all_reduce_sum(loss_total) / denom)
@@ -156,7 +196,9 @@ class Trainer:
         groups = s.adapter.param_groups()
         optimizer = build_optimizer(groups, t, env.device)
         scheduler = build_scheduler(optimizer, t, self.total_steps)
+        self.optimizer, self.scheduler = optimizer, scheduler
         start = self._restore(optimizer, scheduler) if self.resume else 0
+        self._hook("on_train_start")
         params = [p for g in optimizer.param_groups for p in g["params"]]
         wrapped = _StepModule(s)
         if env.distributed:
@@ -167,7 +209,7 @@ class Trainer:
         before = self._evaluate(0, log) if (self.cfg.eval.at_start and start == 0) else {}
         s.model.train()
         bar = ProgressBar(self.total_steps, start, self.cfg.log.progress and env.is_main)
-        t0, tokens_seen, last = time.time(), 0, {}
+        t0, tokens_seen, last, done = time.time(), 0, {}, start
         for step in range(start, self.total_steps):
             stats = self._step(step, wrapped, optimizer, scheduler, params)
             done = step + 1
@@ -188,11 +230,16 @@ class Trainer:
                 self._evaluate(done, log)
             if t.save_every and done % t.save_every == 0 and done != self.total_steps:
                 self._checkpoint(done, optimizer, scheduler)
+            if self._hook("should_stop", step):
+                if env.is_main:
+                    console.print(f"[yellow]{self.cfg.adapter.name}: stopping early after step {done}")
+                break
         bar.close()
         train_time = time.time() - t0
+        self._hook("finalize")
         self._save_final()
         after = self._evaluate(self.total_steps, log) if self.cfg.eval.at_end else {}
-        summary = {"steps": self.total_steps, "final_loss": last.get("loss"), "train_seconds": round(train_time, 1),
+        summary = {"steps": done, "final_loss": last.get("loss"), "train_seconds": round(train_time, 1),
                    "trainable_params": sum(p.numel() for p in params), "run_dir": str(self.run_dir)}
         if env.is_main:
             log.close()

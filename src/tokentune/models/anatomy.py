@@ -62,6 +62,7 @@ class ModelView:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.tokenizer = None  # set by the session; adapters that initialise from text read it
         cfg = getattr(model, "config", None)
         self.model_type = getattr(cfg, "model_type", type(model).__name__)
         if self.model_type not in FAMILIES:
