@@ -160,6 +160,23 @@ def cmd_select(args) -> int:
     return 0
 
 
+def cmd_recipe(args) -> int:
+    from .engine.distributed import teardown
+    from .recipes.base import load_recipe, write_summary
+
+    recipe, base = load_recipe(args.name, args.config, args.overrides)
+    env = _env(base.train.device)
+    try:
+        summary = recipe.run(base, env)
+    finally:
+        teardown(env)
+    if env.is_main:
+        path = write_summary(base, summary)
+        _print(summary)
+        _print(f"recipe summary: [bold]{path}[/]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokentune", description="Fine-tune language models efficiently.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -238,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-length", type=int, help="tokens per text for the embedder (default 256)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="for embedding and OT (default auto)")
     s.set_defaults(fn=cmd_select)
+    r = sub.add_parser("recipe", help="run a multi-stage method (see `tokentune methods`) from a YAML config")
+    r.add_argument("name", help="recipe name, e.g. promot")
+    r.add_argument("config", help="a run config with a `recipe:` section for the recipe's options")
+    r.add_argument("overrides", nargs="*", help="key=value, e.g. recipe.rounds=2 train.lr=1e-4")
+    r.set_defaults(fn=cmd_recipe)
     return p
 
 
