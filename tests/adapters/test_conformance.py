@@ -43,6 +43,7 @@ def test_attach_leaves_base_untouched_and_counts_trainables(case, family):
     grouped = trainable_in_groups(adapter)
     assert set(trainable) <= set(grouped), "a parameter requires grad but is in no param group"
     assert all(p.requires_grad for p in grouped.values()), "a param group holds a frozen parameter"
+    assert set(grouped) <= {id(p) for p in model.parameters()}, "trainable tensors must live in the model (DDP, .to)"
     if expected is not None:
         assert sum(p.numel() for p in trainable.values()) == expected
 

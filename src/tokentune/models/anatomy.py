@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import TokentuneError
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+ADAPTER_PREFIX = "tokentune_"  # modules adapters add to the top model (soft prompts, generators): not heads
 
 
 @dataclass(frozen=True)
@@ -108,13 +109,14 @@ class ModelView:
     @property
     def head_prefixes(self) -> tuple[str, ...]:
         """Parameter-name prefixes of task heads (LM head, classifier) outside the backbone."""
-        return tuple(n + "." for n, _ in self.model.named_children() if n != self.backbone_attr)
+        return tuple(n + "." for n, _ in self.model.named_children()
+                     if n != self.backbone_attr and not n.startswith(ADAPTER_PREFIX))
 
     @property
     def heads(self) -> dict[str, nn.Module]:
         """Top-level modules outside the backbone that hold parameters: the LM head and any task head."""
         return {n: m for n, m in self.model.named_children()
-                if n != self.backbone_attr and next(m.parameters(), None) is not None}
+                if n != self.backbone_attr and not n.startswith(ADAPTER_PREFIX) and next(m.parameters(), None) is not None}
 
     @property
     def task_heads(self) -> dict[str, nn.Module]:
