@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -50,6 +51,20 @@ class Adapter(Protocol):
     def load(self, in_dir: Path) -> None: ...
 
     def merge(self) -> None: ...
+
+
+@contextlib.contextmanager
+def batch_scope(adapter, batch: dict):
+    """Lets an adapter see the batch around the objective's forward (optional `before_batch(batch)` /
+    `after_batch()`): input-dependent prompts (IAPT) need to know which tokens are the instruction."""
+    before, after = getattr(adapter, "before_batch", None), getattr(adapter, "after_batch", None)
+    if before is not None:
+        before(batch)
+    try:
+        yield
+    finally:
+        if after is not None:
+            after()
 
 
 def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

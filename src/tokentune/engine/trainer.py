@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..adapters.base import batch_scope
 from ..config import save_config
 from ..errors import TokentuneError
 from ..probes.evaluation import Evaluation
@@ -35,7 +36,8 @@ class _StepModule(nn.Module):
 
     def forward(self, batch):
         s = self.session
-        out = s.objective(self.model, s.view, batch, chunk_size=s.cfg.train.loss_chunk_size)
+        with batch_scope(s.adapter, batch):
+            out = s.objective(self.model, s.view, batch, chunk_size=s.cfg.train.loss_chunk_size)
         loss_sum, weight_sum = out.loss_sum, out.weight_sum
         aux = getattr(s.adapter, "aux_loss", None)  # an adapter's own loss term (CPT's context labels)
         if aux is not None:
@@ -62,6 +64,8 @@ class Trainer:
     should_stop(trainer, step) -> bool     end training early after this step (LocFT-BF's loss threshold)
     finalize(trainer)                  before the final artefact is saved (DSEE's pruning of merged weights)
     aux_loss(model, view, batch) / aux_weight_total(batch)   an extra loss term and its normaliser share
+    before_batch(batch) / after_batch()   around each objective forward (also in evaluation): input-dependent
+                                       prompts read which tokens are the instruction
 
     Hook state that matters for resuming belongs in the adapter's state_dict()."""
 

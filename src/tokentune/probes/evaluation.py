@@ -18,12 +18,14 @@ def normalise(text: str) -> str:
 
 
 @torch.no_grad()
-def loss_metrics(model, view, objective, batches, *, chunk_size: int, autocast) -> dict[str, float]:
+def loss_metrics(model, view, objective, batches, *, chunk_size: int, autocast, adapter=None) -> dict[str, float]:
+    from ..adapters.base import batch_scope
+
     was_training = model.training
     model.eval()
     total, weight, correct = 0.0, 0.0, 0.0
     for batch in batches:
-        with autocast():
+        with autocast(), batch_scope(adapter, batch):
             out = objective(model, view, batch, chunk_size=chunk_size)
         total += float(out.loss_sum)
         weight += float(out.weight_sum)
@@ -68,7 +70,8 @@ class Evaluation:
         if cfg.max_examples:
             examples = examples[:cfg.max_examples]
         result = loss_metrics(session.model, session.view, session.objective, session.eval_batches(examples),
-                              chunk_size=session.cfg.train.loss_chunk_size, autocast=session.autocast)
+                              chunk_size=session.cfg.train.loss_chunk_size, autocast=session.autocast,
+                              adapter=session.adapter)
         generate = cfg.generate
         if generate is None:
             generate = session.view.is_causal and any(e.reference is not None for e in examples)
