@@ -237,3 +237,16 @@ def test_load_refuses_a_different_rank_or_target_set(tiny_llama, tmp_path):
         attach(LoraAdapter(LoraConfig(r=8, targets=["q"])), copy.deepcopy(tiny_llama)).load(tmp_path / "a")
     with pytest.raises(TokentuneError, match="target the same modules"):
         attach(LoraAdapter(LoraConfig(r=4, targets=["q", "v"])), copy.deepcopy(tiny_llama)).load(tmp_path / "a")
+
+
+def test_disabled_context_gives_the_base_model(tiny_llama):
+    from tokentune.adapters.base import reference_mode
+
+    base = logits(tiny_llama)
+    adapter = attach(LoraAdapter(LoraConfig(r=4)), tiny_llama)
+    randomize(adapter)
+    tuned = logits(tiny_llama)
+    assert not torch.allclose(tuned, base)
+    with reference_mode(adapter):
+        torch.testing.assert_close(logits(tiny_llama), base)
+    torch.testing.assert_close(logits(tiny_llama), tuned)

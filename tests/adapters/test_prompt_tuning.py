@@ -167,3 +167,16 @@ def test_text_init_uses_the_tokenised_text_repeated():
     adapter.attach(model, view)
     expected = model.model.embed_tokens.weight[[10, 11, 10, 11, 10]]
     assert torch.equal(adapter.prompt.detach(), expected)
+
+
+def test_disabled_context_gives_the_base_model():
+    from tokentune.adapters.base import reference_mode
+
+    model = make_model("llama")
+    x = ids()
+    with torch.no_grad():
+        base = model(input_ids=x).logits
+        adapter = _attach(model)
+        with reference_mode(adapter):
+            torch.testing.assert_close(model(input_ids=x).logits, base)
+        assert not torch.allclose(model(input_ids=x).logits, base)

@@ -67,5 +67,18 @@ def batch_scope(adapter, batch: dict):
             after()
 
 
+def reference_mode(adapter):
+    """A context in which the model computes as its frozen base: the adapter's optional `disabled()`.
+    DPO-style losses use it for the reference model instead of a second copy of the weights."""
+    fn = getattr(adapter, "disabled", None)
+    if fn is None:
+        from ..errors import TokentuneError
+
+        raise TokentuneError(f"adapter {adapter.name!r} cannot be switched off to act as the reference model",
+                             where="adapter", fix="use an adapter that can (lora, prompt_tuning, prefix_tuning, ...)"
+                             " or an objective option that keeps a separate reference copy")
+    return fn()
+
+
 def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

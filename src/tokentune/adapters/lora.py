@@ -3,6 +3,7 @@ adapter format and mergeable into the base weights."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import Literal
@@ -217,6 +218,18 @@ class LoraAdapter:
                 f"{sorted(saved ^ set(self.wrappers))[:3]}", where=where,
                 fix=f"target the same modules (its target_modules: {config.get('target_modules')!r})")
         copy_state(self._lora_params + self._head_params, state, source=str(Path(in_dir) / peft_format.WEIGHTS))
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The base model's computation while inside (DPO's reference model, no second copy in memory)."""
+        self._live()
+        for w in self.wrappers.values():
+            w.disabled = True
+        try:
+            yield
+        finally:
+            for w in self.wrappers.values():
+                w.disabled = False
 
     def merge(self) -> None:
         """Fold scale * B @ A into each base weight and put the plain base layer back in its place."""

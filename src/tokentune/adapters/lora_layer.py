@@ -41,6 +41,7 @@ class LoraLinear(nn.Module):
         # PEFT's default init: A kaiming-uniform, B zero, so the wrapped layer starts as the base layer.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.disabled = False  # True: the base layer alone (a reference model without a second copy)
 
     # Code that reads `proj.weight` (dtype checks, probes) keeps seeing the base weight.
     @property
@@ -53,6 +54,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        if self.disabled:
+            return out
         delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
         return out + (delta * self.scale).to(out.dtype)
 

@@ -8,6 +8,7 @@ training); without it the keys/values are the parameters themselves. Causal mode
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -152,6 +153,16 @@ class PrefixTuning:
                 raise TokentuneError(f"the prefix was trained with {differ}", where=str(meta_path),
                                      fix="set " + " ".join(f"adapter.{k}={v}" for k, v in differ.items()))
         copy_state(self._own() + self._head_params, read_tensors(Path(in_dir) / WEIGHTS), source=str(in_dir))
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The base model's computation while inside (a reference model without a second copy)."""
+        require_attached(self)
+        self.virtual.enabled = False
+        try:
+            yield
+        finally:
+            self.virtual.enabled = True
 
     def merge(self) -> None:
         refuse_merge("prefix_tuning", "extra attention positions are not a weight change")

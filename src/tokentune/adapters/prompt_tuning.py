@@ -7,6 +7,7 @@ alone (soft_prompt.py), which equals prepending it; on encoders it is inserted a
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -130,6 +131,16 @@ class PromptTuningAdapter:
             self.prompt.copy_(prompt.to(self.prompt))
         if self._head_params:
             copy_state(self._head_params, read_tensors(in_dir / HEAD_WEIGHTS), source=str(in_dir / HEAD_WEIGHTS))
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The base model's computation while inside (a reference model without a second copy)."""
+        require_attached(self)
+        self.entry.enabled = False
+        try:
+            yield
+        finally:
+            self.entry.enabled = True
 
     def merge(self) -> None:
         refuse_merge("prompt_tuning", "a soft prompt is extra input, not a weight change")
