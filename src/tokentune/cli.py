@@ -177,6 +177,16 @@ def cmd_recipe(args) -> int:
     return 0
 
 
+def cmd_compose(args) -> int:
+    from .adapters.sparse_diff import export_composed
+
+    absolute_from = args.absolute_from - 1 if args.absolute_from is not None else None
+    out = export_composed(args.base, [Path(d) for d in args.diffs], Path(args.out), absolute_from=absolute_from,
+                          device=args.device)
+    _print(f"base + {len(args.diffs)} sparse diff(s) written to [bold]{out}[/] (a plain Hugging Face model directory)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokentune", description="Fine-tune language models efficiently.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -255,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-length", type=int, help="tokens per text for the embedder (default 256)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="for embedding and OT (default auto)")
     s.set_defaults(fn=cmd_select)
+    k = sub.add_parser("compose", help="add sparse diffs (lt_sft runs) to a base model: a plain Hugging Face directory")
+    k.add_argument("base", help="the base model: builtin:NAME, a local directory, or a hub id (when online)")
+    k.add_argument("diffs", nargs="+", metavar="DIFF", help="lt_sft final/ directories or saved sparse diffs")
+    k.add_argument("-o", "--out", required=True, metavar="OUT_DIR")
+    k.add_argument("--absolute-from", type=int, metavar="N",
+                   help="take the trained head from the N-th diff (1-based) when several carry one")
+    k.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    k.set_defaults(fn=cmd_compose)
     r = sub.add_parser("recipe", help="run a multi-stage method (see `tokentune methods`) from a YAML config")
     r.add_argument("name", help="recipe name, e.g. promot")
     r.add_argument("config", help="a run config with a `recipe:` section for the recipe's options")
