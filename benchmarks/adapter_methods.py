@@ -2,6 +2,14 @@
 (same step budget for all). Prompt methods get their own, much larger rates (Lester et al. use 0.3)."""
 
 ALL_ROLES = ["q", "k", "v", "o", "gate", "up", "down"]
+_TWEET_TASK = "Classify the sentiment of this tweet as positive, negative or neutral:"
+_BBC_TASK = "Classify the topic of this news article:"
+# DePT at about the 20-token prompt budget: 10 tokens + rank 8 over 128 positions; `zero` past 128 so that
+# evaluation generations longer than the training rows do not stop the run. train.lr sets the prompt's rate.
+_DEPT = {"name": "dept", "num_virtual_tokens": 10, "r": 8, "max_length": 128, "beyond": "zero", "prompt_lr": None,
+         "low_rank_lr": 5e-3}
+_EPT = {"name": "ept", "num_virtual_tokens": 10, "r": 8, "max_length": 128, "beyond": "zero", "prompt_lr": None,
+        "low_rank_lr": 5e-3, "num_spaces": 4, "init": "svd", "long_prompt_length": 20, "network_lr": 1e-4}
 
 METHODS = {
     "full": {"causal": {"adapter": {"name": "full"}, "lrs": [2e-5, 5e-5, 1e-4]},
@@ -20,4 +28,12 @@ METHODS = {
     "last_block": {"causal": {"adapter": {"name": "layerwise", "preset": "last_block", "include_final_norm": True},
                               "lrs": [1e-4, 3e-4, 1e-3]},
                    "encoder": {"adapter": {"name": "layerwise", "preset": "last_block"}, "lrs": [1e-4, 3e-4, 1e-3]}},
+    "lt_sft": {"causal": {"adapter": {"name": "lt_sft", "ft_params_proportion": 0.05, "freeze_layer_norm": True},
+                          "lrs": [3e-5, 1e-4, 3e-4]},
+               "encoder": {"adapter": {"name": "lt_sft", "ft_params_proportion": 0.05, "freeze_layer_norm": True},
+                           "lrs": [5e-5, 2e-4, 5e-4]}},
+    "dept": {"causal": {"adapter": {**_DEPT, "init_text": _TWEET_TASK}, "lrs": [3e-2, 1e-1, 3e-1]},
+             "encoder": {"adapter": {**_DEPT, "init_text": _BBC_TASK}, "lrs": [3e-2, 1e-1, 3e-1]}},
+    "ept": {"causal": {"adapter": {**_EPT, "prompt_init": "text", "init_text": _TWEET_TASK}, "lrs": [3e-2, 1e-1, 3e-1]},
+            "encoder": {"adapter": {**_EPT, "prompt_init": "text", "init_text": _BBC_TASK}, "lrs": [3e-2, 1e-1, 3e-1]}},
 }
