@@ -87,9 +87,11 @@ def build_session(cfg: RunConfig, env: DistEnv, *, with_data: bool = True, train
         splits = adapter.prepare_data(splits, cfg.data, tokenizer, is_main=env.is_main)
     torch.manual_seed(cfg.train.seed)  # adapter init (e.g. LoRA's A) is then the same in every process and run
     adapter.attach(loaded.model, loaded.view)
-    if trained_from is not None:
-        _load_trained(adapter, Path(trained_from), env.device)
     objective = registry.get("objective", cfg.objective.name).factory(cfg.objective)
+    if hasattr(objective, "attach"):  # objectives with modules of their own (CAFT heads) or a teacher (KD, TRD)
+        objective.attach(loaded.model, loaded.view)
+    if trained_from is not None:
+        _load_trained(adapter, objective, Path(trained_from), env.device)
     selectors = [registry.get("selector", s.name).factory(s) for s in cfg.selectors]
     for selector in selectors:  # selectors that work on the records (e.g. TL-Training) rebuild the splits here
         if splits is not None and hasattr(selector, "prepare_data"):
@@ -117,15 +119,22 @@ def read_meta(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _load_trained(adapter, run_dir: Path, device) -> None:
+def _load_trained(adapter, objective, run_dir: Path, device) -> None:
     from .checkpoint import latest_checkpoint, load_checkpoint
+    from .trainer import OBJECTIVE_DIR, OBJECTIVE_KEY
 
     final = run_dir / "final"
     if (final / META_FILE).exists():
         adapter.load(final)
+        if hasattr(objective, "load"):
+            objective.load(final / OBJECTIVE_DIR)
         return
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise TokentuneError(f"{run_dir} has neither a final model nor a checkpoint", where=str(run_dir),
                              fix="train first, or pass the run's output_dir")
-    adapter.load_state_dict(load_checkpoint(ckpt, device)["adapter_state"])
+    state = load_checkpoint(ckpt, device)["adapter_state"]
+    adapter.load_state_dict({k: v for k, v in state.items() if not k.startswith(OBJECTIVE_KEY)})
+    own = {k[len(OBJECTIVE_KEY):]: v for k, v in state.items() if k.startswith(OBJECTIVE_KEY)}
+    if own:
+        objective.load_state_dict(own)

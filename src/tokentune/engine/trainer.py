@@ -47,6 +47,14 @@ class _StepModule(nn.Module):
         return loss_sum, weight_sum
 
 
+OBJECTIVE_KEY, OBJECTIVE_DIR = "objective::", "objective"
+
+
+def _objective_groups(objective) -> list:
+    """Objectives with trained modules of their own (CAFT's auxiliary heads) list them like adapters do."""
+    return list(objective.param_groups()) if hasattr(objective, "param_groups") else []
+
+
 def _weight_total(session: Session, batch: dict):
     total = session.objective.weight_total(batch)
     aux = getattr(session.adapter, "aux_weight_total", None)
@@ -122,7 +130,7 @@ class Trainer:
                 where="train.batch_size / grad_accum / world size / data",
                 fix="resume with the same batch size, accumulation, process count and data",
             )
-        self.s.adapter.load_state_dict(state["adapter_state"])
+        self._load_trainable_state(state["adapter_state"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if self.env.is_main:
@@ -197,7 +205,7 @@ class Trainer:
     def train(self) -> dict:
         s, env, t = self.s, self.env, self.cfg.train
         self._prepare_run_dir()
-        groups = s.adapter.param_groups()
+        groups = s.adapter.param_groups() + _objective_groups(s.objective)
         optimizer = build_optimizer(groups, t, env.device)
         scheduler = build_scheduler(optimizer, t, self.total_steps)
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -255,6 +263,19 @@ class Trainer:
         return {**summary, "before": before, "after": after}
 
     # --- side duties ---------------------------------------------------------------------------
+    def _trainable_state(self) -> dict:
+        """The adapter's state, plus an objective's own trained tensors (CAFT's heads) under `objective::`."""
+        state = dict(self.s.adapter.state_dict())
+        if hasattr(self.s.objective, "state_dict"):
+            state.update({OBJECTIVE_KEY + k: v for k, v in self.s.objective.state_dict().items()})
+        return state
+
+    def _load_trainable_state(self, state: dict) -> None:
+        own = {k[len(OBJECTIVE_KEY):]: v for k, v in state.items() if k.startswith(OBJECTIVE_KEY)}
+        self.s.adapter.load_state_dict({k: v for k, v in state.items() if not k.startswith(OBJECTIVE_KEY)})
+        if own or hasattr(self.s.objective, "load_state_dict"):
+            self.s.objective.load_state_dict(own)
+
     def _evaluate(self, step: int, log) -> dict:
         result = {}
         if self.env.is_main and self.s.splits.eval:
@@ -268,7 +289,7 @@ class Trainer:
     def _checkpoint(self, step: int, optimizer, scheduler) -> None:
         if self.env.is_main:
             save_checkpoint(
-                self.run_dir, step, adapter_state=self.s.adapter.state_dict(), optimizer=optimizer, scheduler=scheduler,
+                self.run_dir, step, adapter_state=self._trainable_state(), optimizer=optimizer, scheduler=scheduler,
                 rank_rng=rng_state(), keep=self.cfg.train.keep_checkpoints,
                 trainer_state={"step": step, "total_steps": self.total_steps, "world_size": self.env.world_size,
                                "rows_per_step": self.schedule.rows_per_step, "num_rows": self.schedule.num_rows},
@@ -279,6 +300,8 @@ class Trainer:
         if self.env.is_main:
             with atomic_dir(self.run_dir / "final") as tmp:
                 self.s.adapter.save(tmp, self.s.ref)
+                if hasattr(self.s.objective, "save"):  # an objective's own trained modules (CAFT's heads)
+                    self.s.objective.save(tmp / OBJECTIVE_DIR)
                 self.s.tokenizer.save_pretrained(str(tmp))
                 meta = {"base_model": self.s.ref, "model_name": self.cfg.model.name, "task": self.cfg.model.task,
                         "adapter": self.cfg.adapter.name,

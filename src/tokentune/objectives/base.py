@@ -17,6 +17,11 @@ class ObjectiveOutput:
 
 
 class Objective(Protocol):
+    """Optional, duck-typed: `attach(model, view)` (after the adapter: load a teacher, add modules with
+    soft_prompt.own_module), `param_groups()` (trained modules of its own, e.g. CAFT's heads: optimised with the
+    adapter's groups), `state_dict()` / `load_state_dict(state)` (checkpointed under `objective::`),
+    `save(dir)` / `load(dir)` (final/objective/ of a run)."""
+
     name: str
 
     def weight_total(self, batch: dict) -> torch.Tensor:
