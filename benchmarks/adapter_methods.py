@@ -36,4 +36,14 @@ METHODS = {
              "encoder": {"adapter": {**_DEPT, "init_text": _BBC_TASK}, "lrs": [3e-2, 1e-1, 3e-1]}},
     "ept": {"causal": {"adapter": {**_EPT, "prompt_init": "text", "init_text": _TWEET_TASK}, "lrs": [3e-2, 1e-1, 3e-1]},
             "encoder": {"adapter": {**_EPT, "prompt_init": "text", "init_text": _BBC_TASK}, "lrs": [3e-2, 1e-1, 3e-1]}},
+    "parallel_adapter": {"causal": {"adapter": {"name": "parallel_adapter", "r": 128}, "lrs": [5e-4, 1e-3, 2e-3]},
+                         "encoder": {"adapter": {"name": "parallel_adapter", "r": 64}, "lrs": [5e-4, 1e-3, 2e-3]}},
+    "scaled_parallel_adapter": {
+        "causal": {"adapter": {"name": "scaled_parallel_adapter", "r": 128, "scale": 4}, "lrs": [2e-4, 5e-4, 1e-3]},
+        "encoder": {"adapter": {"name": "scaled_parallel_adapter", "r": 64, "scale": 4}, "lrs": [2e-4, 5e-4, 1e-3]}},
+    "mam_adapter": {
+        "causal": {"adapter": {"name": "mam_adapter", "num_virtual_tokens": 16, "r": 128, "scale": 4},
+                   "lrs": [2e-4, 5e-4, 1e-3]},
+        "encoder": {"adapter": {"name": "mam_adapter", "num_virtual_tokens": 16, "r": 16, "scale": 2},
+                    "lrs": [2e-4, 5e-4, 1e-3]}},
 }
