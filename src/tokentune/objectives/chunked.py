@@ -84,3 +84,21 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: 
         bias = bias.to(dtype) if bias is not None else None
     with torch.autocast(hidden.device.type, enabled=False):
         return _ChunkedCE.apply(hidden, weight, bias, targets, chunk_size)
+
+
+def chunked_token_loss(loss_fn, hidden: torch.Tensor, *aligned: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """Per-token losses [N] of any loss that needs full-vocabulary logits (KD, OTR, CAFT heads), one chunk of
+    positions at a time: `loss_fn(hidden_chunk, *aligned_chunks) -> [n]` builds its logits inside, and each chunk
+    is checkpointed, so the backward recomputes that chunk's logits instead of keeping [N, V] alive."""
+    from torch.utils.checkpoint import checkpoint
+
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum()
+    out = []
+    for s in range(0, hidden.shape[0], chunk_size):
+        parts = [t[s:s + chunk_size] for t in (hidden, *aligned)]
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            out.append(checkpoint(loss_fn, *parts, use_reentrant=False))
+        else:
+            out.append(loss_fn(*parts))
+    return torch.cat(out)
