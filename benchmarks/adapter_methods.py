@@ -46,4 +46,6 @@ METHODS = {
                    "lrs": [2e-4, 5e-4, 1e-3]},
         "encoder": {"adapter": {"name": "mam_adapter", "num_virtual_tokens": 16, "r": 16, "scale": 2},
                     "lrs": [2e-4, 5e-4, 1e-3]}},
+    "greentrainer_50": {"causal": {"adapter": {"name": "greentrainer", "rho": 0.5}, "lrs": [3e-5, 1e-4, 3e-4]},
+                        "encoder": {"adapter": {"name": "greentrainer", "rho": 0.5}, "lrs": [3e-5, 1e-4, 3e-4]}},
 }
