@@ -48,4 +48,6 @@ METHODS = {
                     "lrs": [2e-4, 5e-4, 1e-3]}},
     "greentrainer_50": {"causal": {"adapter": {"name": "greentrainer", "rho": 0.5}, "lrs": [3e-5, 1e-4, 3e-4]},
                         "encoder": {"adapter": {"name": "greentrainer", "rho": 0.5}, "lrs": [3e-5, 1e-4, 3e-4]}},
+    "locft": {"causal": {"adapter": {"name": "locft"}, "lrs": [1e-3, 3e-3, 1e-2]},
+              "encoder": {"adapter": {"name": "locft"}, "lrs": [3e-4, 1e-3, 3e-3]}},
 }
