@@ -50,4 +50,10 @@ METHODS = {
                         "encoder": {"adapter": {"name": "greentrainer", "rho": 0.5}, "lrs": [3e-5, 1e-4, 3e-4]}},
     "locft": {"causal": {"adapter": {"name": "locft"}, "lrs": [1e-3, 3e-3, 1e-2]},
               "encoder": {"adapter": {"name": "locft"}, "lrs": [3e-4, 1e-3, 3e-3]}},
+    "dsee": {"causal": {"adapter": {"name": "dsee", "r": 16, "alpha": 32, "num_sparse": 64, "targets": ["q", "v"],
+                                    "sparse_init": "magnitude", "pruning": "unstructured", "sparsity": 0.2,
+                                    "prune_at": 0.5}, "lrs": [2e-4, 5e-4, 1e-3]},
+             "encoder": {"adapter": {"name": "dsee", "r": 16, "alpha": 32, "num_sparse": 64, "targets": ["q", "v"],
+                                     "pruning": "structured", "head_sparsity": 0.25, "ffn_sparsity": 0.4},
+                         "lrs": [2e-4, 6e-4, 1e-3]}},
 }
