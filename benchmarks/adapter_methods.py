@@ -56,4 +56,9 @@ METHODS = {
              "encoder": {"adapter": {"name": "dsee", "r": 16, "alpha": 32, "num_sparse": 64, "targets": ["q", "v"],
                                      "pruning": "structured", "head_sparsity": 0.25, "ffn_sparsity": 0.4},
                          "lrs": [2e-4, 6e-4, 1e-3]}},
+    # CPT reads prompt/completion records (its context is rendered with input/output templates); causal only.
+    "cpt": {"causal": {"adapter": {"name": "cpt", "num_context_examples": 8, "epsilon": 0.2, "format_epsilon": 0.1,
+                                   "weighting": "decay", "decay": 0.95}, "lrs": [1e-4, 1e-3, 1e-2],
+                       "data_format": "prompt_completion"},
+            "encoder": None},
 }

@@ -40,12 +40,12 @@ TASKS = {
 }
 
 
-def write_data(task: str, out: Path) -> dict[str, Path]:
+def write_data(task: str, out: Path, fmt: str = "messages") -> dict[str, Path]:
     """train / dev / test JSONL (dev and test are disjoint halves of one held-out draw)."""
     from tokentune.datasets_builtin import write_bbc_news, write_tweet_sentiment
 
     if task == "causal":
-        write_tweet_sentiment(out, n_train=400, n_eval=200, seed=0)
+        write_tweet_sentiment(out, n_train=400, n_eval=200, seed=0, fmt=fmt)
     else:
         write_bbc_news(out, n_train=600, n_eval=200, seed=0)
     held = (out / "eval.jsonl").read_text().splitlines()
@@ -109,6 +109,8 @@ def evaluate(target: Path, data_eval: Path, tmp: Path, extra: list[str] = ()) ->
 
 def bench(method: str, task: str, data: dict, general: Path | None, args, tmp: Path, base: dict) -> dict:
     entry = METHODS[method][task]
+    if entry.get("data_format"):  # the same records, written in the format the method reads
+        data = write_data(task, tmp / f"data-{task}-{entry['data_format']}", entry["data_format"])
     lrs = entry["lrs"][:1] if args.lrs == "first" else entry["lrs"]
     sweep = {}
     for lr in lrs:
