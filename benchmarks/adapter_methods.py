@@ -61,4 +61,6 @@ METHODS = {
                                    "weighting": "decay", "decay": 0.95}, "lrs": [1e-4, 1e-3, 1e-2],
                        "data_format": "prompt_completion"},
             "encoder": None},
+    "iapt": {"causal": {"adapter": {"name": "iapt", "bottleneck": 64}, "lrs": [3e-3, 1e-2, 3e-2]},
+             "encoder": {"adapter": {"name": "iapt", "bottleneck": 32}, "lrs": [1e-3, 3e-3, 1e-2]}},
 }
