@@ -63,4 +63,6 @@ METHODS = {
             "encoder": None},
     "iapt": {"causal": {"adapter": {"name": "iapt", "bottleneck": 64}, "lrs": [3e-3, 1e-2, 3e-2]},
              "encoder": {"adapter": {"name": "iapt", "bottleneck": 32}, "lrs": [1e-3, 3e-3, 1e-2]}},
+    "apt": {"causal": {"adapter": {"name": "apt", "num_memory": 50}, "lrs": [1e-3, 3e-3, 1e-2]},
+            "encoder": {"adapter": {"name": "apt", "num_memory": 50}, "lrs": [1e-3, 3e-3, 1e-2]}},
 }
