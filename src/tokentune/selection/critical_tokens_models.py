@@ -117,7 +117,7 @@ def load_contrast_pair(positive: Path, negative: Path, env, *, share_base: bool 
         if share_base and cfg_p.model == cfg_n.model and cfg_p.adapter == cfg_n.adapter:
             params = _trainable(pos.adapter)
             live = [p.detach().clone() for p in params]
-            _load_trained(pos.adapter, negative, env.device)  # copies the negative state into the live tensors
+            _load_trained(pos.adapter, pos.objective, negative, env.device)  # the negative state into the live tensors
             other = [p.data for p in params]
             for p, value in zip(params, live):
                 p.data = value
