@@ -99,9 +99,14 @@ def cmd_generate(args) -> int:
     session = build_session(cfg, _env(args.device), with_data=False, trained_from=Path(args.run_dir))
     prompts = args.prompt or [sys.stdin.read()]
     ids = [render_prompt(session.tokenizer, p, chat=chat, system=args.system) for p in prompts]
+    constraint = None
+    if args.label:  # text-to-text classification: only label lists from this set (PTEC's trie search)
+        from .probes.label_trie import LabelTrie
+
+        constraint = LabelTrie.from_tokenizer(session.tokenizer, args.label, args.label_separator)
     with session.autocast():
         outs = generate_ids(session.model, session.tokenizer, ids, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_p=args.top_p)
+                            temperature=args.temperature, top_p=args.top_p, constraint=constraint)
     for out in outs:
         print(session.tokenizer.decode(out, skip_special_tokens=True))
     return 0
@@ -127,10 +132,10 @@ def cmd_methods(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from . import datasets_builtin, datasets_math
+    from . import datasets_builtin, datasets_math, datasets_tools
 
     writers = {"tweets": datasets_builtin.write_tweet_sentiment, "bbc": datasets_builtin.write_bbc_news,
-               "math": datasets_math.write_arithmetic}
+               "math": datasets_math.write_arithmetic, "tools": datasets_tools.write_tools}
     result = writers[args.name](Path(args.out_dir), seed=args.seed)
     _print(result)
     return 0
@@ -215,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--chat", action="store_true", help="apply the chat template (default after chat data)")
     how.add_argument("--raw", action="store_true",
                      help="do not apply the chat template (default after prompt/completion or text data)")
+    g.add_argument("--label", action="append", metavar="NAME",
+                   help="may repeat: constrain the output to a list of these labels (trie decoding, no repeats)")
+    g.add_argument("--label-separator", default="; ", help="what joins the labels in the output (with --label)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.set_defaults(fn=cmd_generate)
 
@@ -228,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_methods)
 
     d = sub.add_parser("data", help="write a built-in offline data set as JSONL")
-    d.add_argument("name", choices=["tweets", "bbc", "math"])
+    d.add_argument("name", choices=["tweets", "bbc", "math", "tools"])
     d.add_argument("out_dir")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_data)

@@ -23,7 +23,8 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     name: str = Field(description="builtin:NAME, a local directory, or a hub id (when online)")
-    task: Literal["causal", "classification"] = "causal"
+    # masked: a masked LM with its MLM head (BertForMaskedLM), for label-word objectives (verbalizer)
+    task: Literal["causal", "classification", "masked"] = "causal"
     revision: str | None = None
     trust_remote_code: bool = False
     # auto: fp32 weights; on CUDA the step runs under bf16 autocast, on CPU in fp32.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import random
-import sys
 from pathlib import Path
 
 from tokentune.datasets_builtin import _check_sizes, _write_splits

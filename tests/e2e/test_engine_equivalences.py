@@ -1,12 +1,10 @@
 """Engine guarantees: resume equals uninterrupted; accumulation equals a bigger batch; 2 DDP ranks
 equal 1 process with the doubled batch; the logged loss equals Hugging Face's own loss."""
 
-import json
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch

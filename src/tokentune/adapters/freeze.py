@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from torch import nn
 
 from ..errors import TokentuneError
+from ..models.anatomy import ADAPTER_PREFIX
 from ..registry import register
 from .base import ParamGroup
 from .state_io import copy_state, read_tensors, require_attached, tensor_state, write_tensors
@@ -99,8 +100,9 @@ class FreezeAdapter:
         if self._attached:
             raise TokentuneError("the freeze adapter is already attached", fix="create a new adapter for another model")
         chosen = self._select(model, view)
-        for p in model.parameters():
-            p.requires_grad_(False)
+        for n, p in model.named_parameters():
+            if not n.startswith(ADAPTER_PREFIX):  # other adapters' modules (tokentune_*) are theirs to freeze
+                p.requires_grad_(False)
         for _, p in chosen:
             p.requires_grad_(True)
         self._params = chosen
@@ -108,7 +110,8 @@ class FreezeAdapter:
 
     def _select(self, model: nn.Module, view) -> list[tuple[str, nn.Parameter]]:
         cfg = self.config
-        named = list(model.named_parameters())  # a tied weight appears once
+        # A tied weight appears once; other adapters' modules (tokentune_*) are never selected.
+        named = [(n, p) for n, p in model.named_parameters() if not n.startswith(ADAPTER_PREFIX)]
         patterns = [re.compile(p) for p in cfg.train]
         layers = resolve_layers(cfg.layers, view.num_layers) if cfg.layers is not None else None
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from ..errors import TokentuneError
+from ..models.anatomy import ADAPTER_PREFIX
 from ..registry import register
 from .base import ParamGroup
 from .state_io import copy_state, read_tensors, require_attached, tensor_state
@@ -37,11 +38,14 @@ class FullAdapter:
         frozen = set()
         if not self.config.train_embeddings:
             frozen = {id(p) for emb in view.embeddings.values() for p in emb.parameters()}
-        for p in model.parameters():
+        # Modules other adapters added (tokentune_*: a frozen ProMoT prompt in a stack) are not the model's own
+        # weights: full leaves them alone, so the two compose.
+        own = [(n, p) for n, p in model.named_parameters() if not n.startswith(ADAPTER_PREFIX)]
+        for _, p in own:
             p.requires_grad_(id(p) not in frozen)
         self.model = model
         # named_parameters() lists a tied weight once (under its first name), so the optimiser sees it once.
-        self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._params = [(n, p) for n, p in own if p.requires_grad]
         self._attached = True
 
     def param_groups(self) -> list[ParamGroup]:
@@ -60,7 +64,12 @@ class FullAdapter:
         """The whole model as a transformers checkpoint (safetensors): it loads with from_pretrained and
         needs no base model, so base_ref is not recorded."""
         require_attached(self)
-        self.model.save_pretrained(Path(out_dir))
+        state = self.model.state_dict()
+        if any(k.startswith(ADAPTER_PREFIX) for k in state):  # other adapters' tensors: theirs to save
+            self.model.save_pretrained(Path(out_dir),
+                                       state_dict={k: v for k, v in state.items() if not k.startswith(ADAPTER_PREFIX)})
+        else:
+            self.model.save_pretrained(Path(out_dir))
 
     def load(self, in_dir: Path) -> None:
         """Read every weight that save() wrote (one file or shards) into the attached model."""
@@ -81,7 +90,7 @@ class FullAdapter:
         # save_pretrained drops tied aliases (lm_head.weight); every other parameter and buffer must be there.
         aliases = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - \
                   {n for n, _ in self.model.named_parameters()}
-        missing = sorted(set(self.model.state_dict()) - seen - aliases)
+        missing = sorted(k for k in set(self.model.state_dict()) - seen - aliases if not k.startswith(ADAPTER_PREFIX))
         if missing:
             raise TokentuneError(f"{in_dir} lacks {len(missing)} weights of this model, e.g. {missing[:3]}",
                                  where=str(in_dir), fix="load it onto the same architecture that was trained")

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 from ..errors import TokentuneError, did_you_mean
-from ..models.anatomy import ROLES
+from ..models.anatomy import ADAPTER_PREFIX, ROLES
 from ..registry import register
 from . import peft_format
 from .base import ParamGroup
@@ -104,8 +104,9 @@ class LoraAdapter:
         self._peft_targets = cfg.target_regex or peft_format.target_suffixes(
             list(targets), [n for n, _ in model.named_modules()])
 
-        for p in model.parameters():
-            p.requires_grad_(False)
+        for n, p in model.named_parameters():
+            if not n.startswith(ADAPTER_PREFIX):  # other adapters' modules (tokentune_*) are theirs to freeze
+                p.requires_grad_(False)
         self.wrappers: dict[str, LoraLinear] = {}
         for name, module in targets.items():
             wrapper = LoraLinear(module, name, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora)
@@ -124,7 +125,8 @@ class LoraAdapter:
     def _targets(self, model: nn.Module, view) -> dict[str, nn.Module]:
         cfg = self.config
         if cfg.target_regex is not None:
-            found = {n: m for n, m in model.named_modules() if n and re.fullmatch(cfg.target_regex, n)}
+            found = {n: m for n, m in model.named_modules()
+                     if n and not n.startswith(ADAPTER_PREFIX) and re.fullmatch(cfg.target_regex, n)}
             if not found:
                 linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
                 raise TokentuneError(f"target_regex {cfg.target_regex!r} matches no module",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import TokentuneError
-from .example import IGNORE, Example
+from .example import IGNORE, Example, PreferencePair
 from .packing import PackedRow
 
 
@@ -17,6 +17,10 @@ def collate(items: list[PackedRow] | list[Example], pad_id: int | None, *, packe
                              fix="give the tokenizer a pad token (or an EOS token, which is used instead)")
     if not items:
         raise ValueError("collate needs at least one row")
+    if isinstance(items[0], PreferencePair):  # two rows per pair, with is_chosen / pair_index (preference.py)
+        from .preference import collate_pairs
+
+        return collate_pairs(items, pad_id, packed=packed)
     kind = PackedRow if packed else Example
     if not all(isinstance(item, kind) for item in items):
         raise TypeError(f"collate(packed={packed}) takes {kind.__name__} items")
@@ -50,7 +54,11 @@ def collate(items: list[PackedRow] | list[Example], pad_id: int | None, *, packe
     if not packed:
         class_labels = [item.class_label for item in items]
         if all(c is not None for c in class_labels):
-            batch["class_labels"] = torch.tensor(class_labels, dtype=torch.long)
+            multi = [isinstance(c, list) for c in class_labels]
+            if any(multi) and not all(multi):
+                raise ValueError("a batch mixes single-label and multi-label examples")
+            # multi-label: [B, L] multi-hot floats; single-label: [B] class ids
+            batch["class_labels"] = torch.tensor(class_labels, dtype=torch.float32 if all(multi) else torch.long)
         elif any(c is not None for c in class_labels):
             raise ValueError("a batch mixes classification and causal examples")
     return batch

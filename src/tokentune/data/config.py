@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..errors import did_you_mean
 
 # The names a format reads; `fields` maps these to the column names of the user's file.
-CANONICAL_FIELDS = ("text", "prompt", "completion", "label", "messages")
+CANONICAL_FIELDS = ("text", "prompt", "completion", "label", "messages", "chosen", "rejected")
 
 
 class DataConfig(BaseModel):
@@ -21,12 +21,13 @@ class DataConfig(BaseModel):
     eval_fraction: float | None = Field(None, gt=0, lt=1,
                                         description="split this share of train off as eval (by run seed)")
     max_length: int = Field(512, ge=2)
-    format: Literal["auto", "text", "prompt_completion", "messages", "classification"] = "auto"
+    format: Literal["auto", "text", "prompt_completion", "messages", "classification", "preference"] = "auto"
     fields: dict[str, str] = Field(default_factory=dict,
                                    description="canonical field -> column name, e.g. {prompt: question}")
     encoding: str = "utf-8"
     truncation_side: Literal["right", "left"] = "right"
-    packing: bool | None = Field(None, description="None: on for causal training, off otherwise")
+    packing: bool | None = Field(None, description="None: on for causal training, off otherwise (and for "
+                                                    "preference data, which is never packed)")
     assistant_only: bool = True
     add_eos: bool = True
     on_bad_record: Literal["error", "drop"] = "error"

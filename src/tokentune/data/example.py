@@ -17,7 +17,7 @@ class Draft:
     labels: list[int]
     n_prompt: int | None = None  # leading tokens that are the generation prompt
     reference: str | None = None
-    class_label: int | None = None
+    class_label: int | list[float] | None = None  # a list: multi-hot (multi-label)
     weights: list[float] | None = None  # per-token loss weights (same length as input_ids); None: 1.0
 
 
@@ -29,7 +29,7 @@ class Example:
     index: int  # position of this example in its split's list (dense, 0..n-1)
     prompt_ids: list[int] | None = None  # what generation continues from (prompt_completion, messages)
     reference: str | None = None  # the expected completion text, for exact match
-    class_label: int | None = None  # classification
+    class_label: int | list[float] | None = None  # classification: class id, or multi-hot vector (multi-label)
     weights: list[float] | None = None  # per-token loss weights, aligned with labels; None: 1.0 on label tokens
 
     def __len__(self) -> int:
@@ -60,3 +60,19 @@ def finalize(draft: Draft, *, source: str, index: int, max_length: int, side: st
         weights = draft.weights[start:stop]
     example = Example(ids, labels, source, index, prompt, draft.reference, draft.class_label, weights)
     return example, stop - start < n
+
+
+@dataclass
+class PreferencePair:
+    """A preference record: the chosen and the rejected reply to one prompt, each a full Example (prompt +
+    reply, labels on the reply only). Collated as two rows (data/preference.py); never packed."""
+
+    chosen: Example
+    rejected: Example
+    source: str
+    index: int  # position of this pair in its split's list; both rows carry it as their sample_index
+    prompt_ids: list[int] | None = None  # the shared prompt, for generation
+    reference: str | None = None  # the chosen reply's text, for exact match
+
+    def __len__(self) -> int:
+        return len(self.chosen) + len(self.rejected)

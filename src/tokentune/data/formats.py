@@ -13,19 +13,26 @@ FORMAT_FIELDS = {
     "prompt_completion": ("prompt", "completion"),
     "classification": ("text", "label"),
     "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),  # last: records of the other formats are detected as before
 }
-_EXPECTED = "messages | prompt + completion | text + label (classification) | text"
+_EXPECTED = ("messages | prompt + completion | text + label (classification; a list of labels, or `labels`: "
+             "multi-label) | text | prompt + chosen + rejected (preference)")
 _MAPPING_HINT = ("map your columns with data.fields, e.g. fields: {prompt: question, completion: answer}, "
                  "or set data.format")
 
 
-def column(canon: str, fields: dict[str, str]) -> str:
-    return fields.get(canon, canon)
+def column(canon: str, fields: dict[str, str], data: dict | None = None) -> str:
+    """The record's column for a canonical field. Multi-label records may say `labels` (a list) for `label`."""
+    if canon in fields:
+        return fields[canon]
+    if canon == "label" and data is not None and canon not in data and isinstance(data.get("labels"), list):
+        return "labels"
+    return canon
 
 
 def detect_format(record: Record, fields: dict[str, str]) -> str:
     for fmt, needed in FORMAT_FIELDS.items():
-        if all(column(c, fields) in record.data for c in needed):
+        if all(column(c, fields, record.data) in record.data for c in needed):
             return fmt
     raise TokentuneError(
         f"cannot tell the data format: the first record has fields {sorted(record.data)}; "
@@ -34,9 +41,13 @@ def detect_format(record: Record, fields: dict[str, str]) -> str:
 
 def extract(record: Record, fmt: str, fields: dict[str, str]) -> dict:
     """The record's canonical fields for `fmt`, type-checked (RecordError names the record)."""
+    if fmt == "preference":  # prompt and replies may be strings or message lists
+        from .preference import extract_preference
+
+        return extract_preference(record, fields)
     out = {}
     for canon in FORMAT_FIELDS[fmt]:
-        col = column(canon, fields)
+        col = column(canon, fields, record.data)
         if col not in record.data:
             mapped = f" (data.fields.{canon})" if col != canon else ""
             raise RecordError(f"missing field {col!r}{mapped} needed by format {fmt}; the record has "

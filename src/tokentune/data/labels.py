@@ -1,4 +1,7 @@
-"""Class labels: ints are ids as they stand; names map to ids by their sorted order in the train split."""
+"""Class labels: ints are ids as they stand; names map to ids by their sorted order in the train split.
+
+Multi-label records carry a list of labels (possibly empty); a train split with any list is multi-label, every
+record's target is then a multi-hot vector over the label space (a lone label counts as a one-element list)."""
 
 from __future__ import annotations
 
@@ -11,9 +14,14 @@ from .records import RecordError
 _INT = re.compile(r"-?\d+")
 
 
-def normalise_label(value, *, source: str, column: str) -> int | str:
+def normalise_label(value, *, source: str, column: str) -> int | str | tuple:
     """An int, or a label name. Digit strings (CSV cells) become ints so a CSV and a JSONL of the
-    same data give the same ids."""
+    same data give the same ids. A list (multi-label) becomes a tuple of those, duplicates removed."""
+    if isinstance(value, (list, tuple)):
+        if any(isinstance(v, (list, tuple)) for v in value):
+            raise RecordError(f"field {column!r} holds a list inside the list of labels", source=source,
+                              fix="give each record a flat list of label names or ids")
+        return tuple(dict.fromkeys(normalise_label(v, source=source, column=column) for v in value))
     if isinstance(value, str):
         value = value.strip()
         if not value:
@@ -32,10 +40,23 @@ def normalise_label(value, *, source: str, column: str) -> int | str:
 class LabelSpace:
     names: list[str]
     ids: dict[str, int] | None  # None: labels are integer ids already
+    multi: bool = False  # multi-label: targets are multi-hot vectors
 
     @classmethod
-    def from_train(cls, labelled: list[tuple[int | str, str]]) -> "LabelSpace":
+    def from_train(cls, labelled: list[tuple[int | str | tuple, str]]) -> "LabelSpace":
         """`labelled`: (normalised label, source) of every train record."""
+        multi = any(isinstance(v, tuple) for v, _ in labelled)
+        if multi:
+            labelled = [(x, s) for v, s in labelled for x in (v if isinstance(v, tuple) else (v,))]
+            if not labelled:
+                raise TokentuneError("every train record has an empty list of labels", where="data.train",
+                                     fix="give the records their labels")
+        space = cls._single(labelled)
+        space.multi = multi
+        return space
+
+    @classmethod
+    def _single(cls, labelled: list[tuple[int | str, str]]) -> "LabelSpace":
         ints = [(v, s) for v, s in labelled if isinstance(v, int)]
         names = [(v, s) for v, s in labelled if isinstance(v, str)]
         if ints and names:
@@ -46,6 +67,19 @@ class LabelSpace:
             return cls([str(i) for i in range(max(v for v, _ in ints) + 1)], None)
         ordered = sorted({v for v, _ in names})
         return cls(ordered, {n: i for i, n in enumerate(ordered)})
+
+    def target(self, value: int | str | tuple, *, source: str) -> int | list[float]:
+        """The class id (single-label), or the multi-hot vector over the label space (multi-label)."""
+        if not self.multi:
+            if isinstance(value, tuple):
+                raise RecordError("this record has a list of labels but the train split is single-label",
+                                  source=source, fix="give the train records lists of labels too (multi-label), "
+                                                     "or a single label here")
+            return self.id_of(value, source=source)
+        hot = [0.0] * len(self.names)
+        for v in value if isinstance(value, tuple) else (value,):
+            hot[self.id_of(v, source=source)] = 1.0
+        return hot
 
     def id_of(self, value: int | str, *, source: str) -> int:
         if self.ids is None:

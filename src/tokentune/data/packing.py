@@ -49,9 +49,15 @@ def pack(examples: list[Example], max_length: int) -> list[PackedRow]:
     return rows
 
 
-def packing_enabled(cfg, task: str) -> bool:
-    """data.packing, resolved: None packs causal training data; classification never packs."""
-    if task == "classification":
+def packing_enabled(cfg, task: str, fmt: str | None = None) -> bool:
+    """data.packing, resolved: None packs causal training data; classification and preference data (`fmt`, the
+    detected format) never pack."""
+    if fmt == "preference":
+        if cfg.packing:
+            raise TokentuneError("preference data is not packed: each pair needs its chosen and rejected rows",
+                                 where="data.packing", fix="remove data.packing or set it to false")
+        return False
+    if task == "classification" or fmt == "classification":  # text + label rows (verbalizer: causal task too)
         if cfg.packing:
             raise TokentuneError("packing does not apply to classification (one label per row)",
                                  where="data.packing", fix="remove data.packing or set it to false")

@@ -78,7 +78,8 @@ def _check_task(fmt: str, task: str) -> None:
         raise TokentuneError(
             "the data is classification (text + label) but the model is trained as a causal LM",
             where="data.format", fix="for a causal model use prompt_completion (the label text as completion), "
-                                     "data.format: text to ignore the label, or model.task: classification")
+                                     "data.format: text to ignore the label, model.task: classification, "
+                                     "or objective verbalizer (label-word likelihood)")
     if task == "classification" and fmt != "classification":
         raise TokentuneError(f"a classification model needs text + label records; the data is {fmt}",
                              where="data.format",
@@ -89,7 +90,7 @@ def _check_tokenizer(fmt: str, tokenizer, cfg: DataConfig) -> int | None:
     """The EOS id to append (None: none appended); fails early on what the format cannot do without."""
     if fmt == "messages":
         check_chat_tokenizer(tokenizer)
-    if not cfg.add_eos or fmt not in ("text", "prompt_completion"):
+    if not cfg.add_eos or fmt not in ("text", "prompt_completion", "preference"):
         return None
     if tokenizer.eos_token_id is None:
         raise TokentuneError("data.add_eos is on but the tokenizer has no EOS token, so the model "
@@ -109,6 +110,10 @@ def _extract(records: list[Record], fmt: str, cfg: DataConfig, summary: SplitSum
 
 
 def _encode(items, fmt, tokenizer, cfg: DataConfig, eos_id, labels, summary: SplitSummary) -> list[Example]:
+    if fmt == "preference":  # two sequences per record: PreferencePairs (preference.py)
+        from .preference import encode_pairs
+
+        return encode_pairs(items, tokenizer, cfg, eos_id, summary, lambda err: _bad(err, cfg, summary))
     draft = drafter(fmt, items, tokenizer, eos_id=eos_id, assistant_only=cfg.assistant_only, labels=labels)
     examples: list[Example] = []
     for i, (rec, _) in enumerate(items):

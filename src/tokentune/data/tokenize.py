@@ -33,8 +33,8 @@ def draft_prompt_completion(prompt_ids: list[int], completion_ids: list[int], co
                  n_prompt=len(prompt_ids), reference=completion)
 
 
-def draft_classification(ids: list[int], class_label: int) -> Draft:
-    # The loss reads class_label; no token is a target.
+def draft_classification(ids: list[int], class_label: int | list[float]) -> Draft:
+    # The loss reads class_label (an id, or a multi-hot vector for multi-label data); no token is a target.
     return Draft(list(ids), [IGNORE] * len(ids), class_label=class_label)
 
 
@@ -59,6 +59,6 @@ def drafter(fmt: str, items: list[tuple[Record, dict]], tokenizer, *, eos_id: in
         return lambda i: draft_prompt_completion(prompts[i], completions[i], canons[i]["completion"], eos_id)
     if fmt == "classification":
         ids = encode_texts(tokenizer, [c["text"] for c in canons], special=True)
-        return lambda i: draft_classification(ids[i], labels.id_of(canons[i]["label"], source=items[i][0].source))
+        return lambda i: draft_classification(ids[i], labels.target(canons[i]["label"], source=items[i][0].source))
     return lambda i: draft_messages(canons[i]["messages"], tokenizer, assistant_only=assistant_only,
                                     source=items[i][0].source)

@@ -47,7 +47,7 @@ class Session:
 
     @property
     def packing(self) -> bool:
-        return packing_enabled(self.cfg.data, self.cfg.model.task)
+        return packing_enabled(self.cfg.data, self.cfg.model.task, self.splits.format if self.splits else None)
 
     def train_rows(self) -> list:
         examples = self.splits.train
@@ -70,14 +70,22 @@ def build_session(cfg: RunConfig, env: DistEnv, *, with_data: bool = True, train
     tokenizer = load_tokenizer(ref, cfg.model.trust_remote_code)
     splits = None
     label_names = None
+    # objectives that score a language model on text + label records (verbalizer) read classification data
+    reads_labels = getattr(registry.get("objective", cfg.objective.name).factory, "reads_class_labels", False)
+    if cfg.model.task == "masked" and not reads_labels:
+        raise TokentuneError(f"model.task: masked is for label-word objectives; {cfg.objective.name} has no use "
+                             "for a masked LM head", where="model.task",
+                             fix="use objective verbalizer, or model.task: classification / causal")
     if with_data:
-        splits = build_data(cfg.data, tokenizer, task=cfg.model.task, seed=cfg.train.seed)
+        splits = build_data(cfg.data, tokenizer, task="classification" if reads_labels else cfg.model.task,
+                            seed=cfg.train.seed)
         label_names = splits.label_names
     if trained_from is not None:
         meta = read_meta(trained_from)
         label_names = meta.get("label_names") or label_names
     if cfg.model.task == "classification" and not label_names:
         raise TokentuneError("classification needs the label names of the training data", where="data.train")
+    torch.manual_seed(cfg.train.seed)  # a fresh task head's init depends on the seed alone, not on earlier RNG use
     loaded = load_model(cfg.model, num_labels=len(label_names) if label_names else None, label_names=label_names,
                         device=env.device)
     loaded.tokenizer = tokenizer
@@ -88,6 +96,12 @@ def build_session(cfg: RunConfig, env: DistEnv, *, with_data: bool = True, train
     torch.manual_seed(cfg.train.seed)  # adapter init (e.g. LoRA's A) is then the same in every process and run
     adapter.attach(loaded.model, loaded.view)
     objective = registry.get("objective", cfg.objective.name).factory(cfg.objective)
+    if splits is not None and splits.format == "preference" and not getattr(objective, "preference", False):
+        raise TokentuneError(f"preference data (prompt, chosen, rejected) needs a preference objective; "
+                             f"{cfg.objective.name} would learn the rejected replies too", where="objective.name",
+                             fix="use objective dpo or cdpo, or map the data to prompt + completion for SFT")
+    if splits is not None and hasattr(objective, "prepare_data"):  # objectives that read the records (label counts)
+        splits = objective.prepare_data(splits, cfg.data, tokenizer, is_main=env.is_main)
     if hasattr(objective, "attach"):  # objectives with modules of their own (CAFT heads) or a teacher (KD, TRD)
         objective.attach(loaded.model, loaded.view)
     if trained_from is not None:
@@ -98,6 +112,8 @@ def build_session(cfg: RunConfig, env: DistEnv, *, with_data: bool = True, train
             splits = selector.prepare_data(splits, cfg.data, tokenizer, is_main=env.is_main)
     session = Session(cfg=cfg, env=env, model=loaded.model, tokenizer=tokenizer, view=loaded.view, ref=loaded.ref,
                       adapter=adapter, objective=objective, selectors=selectors, splits=splits)
+    if hasattr(objective, "bind"):  # objectives that need the run itself (DPO: the adapter switched off as reference)
+        objective.bind(session)
     for selector in selectors:  # selectors that act inside the model (e.g. token elimination) install here
         if hasattr(selector, "attach"):
             selector.attach(session)

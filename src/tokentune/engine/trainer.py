@@ -38,6 +38,7 @@ class _StepModule(nn.Module):
         s = self.session
         with batch_scope(s.adapter, batch):
             out = s.objective(self.model, s.view, batch, chunk_size=s.cfg.train.loss_chunk_size)
+        self.metrics = out.metrics  # read by Trainer._step for objectives with train_metrics()
         loss_sum, weight_sum = out.loss_sum, out.weight_sum
         aux = getattr(s.adapter, "aux_loss", None)  # an adapter's own loss term (CPT's context labels)
         if aux is not None:
@@ -75,7 +76,8 @@ class Trainer:
     before_batch(batch) / after_batch()   around each objective forward (also in evaluation): input-dependent
                                        prompts read which tokens are the instruction
 
-    Hook state that matters for resuming belongs in the adapter's state_dict()."""
+    Hook state that matters for resuming belongs in the adapter's state_dict(). Objectives may define
+    on_step_start(trainer, step) too (CAFT's loss-weight schedule reads step and trainer.total_steps)."""
 
     def __init__(self, session: Session, *, resume: bool = False):
         self.s = session
@@ -168,12 +170,17 @@ class Trainer:
         # Re-seeding per step makes dropout a pure function of (seed, step, rank): resume-safe.
         torch.manual_seed(self.cfg.train.seed * 1_000_003 + step * 7919 + self.env.rank)
         self._hook("on_step_start", step)
+        step_start = getattr(self.s.objective, "on_step_start", None)  # objectives with a step schedule (CAFT)
+        if step_start is not None:
+            step_start(self, step)
         batches = self._micro_batches(step)
         local_weight = sum(_weight_total(self.s, b) for b in batches)
         global_weight = self.env.all_reduce_sum(torch.as_tensor(local_weight, dtype=torch.float32, device=self.env.device))
         denom = global_weight.clamp_min(1e-12)
         loss_total = torch.zeros((), device=self.env.device)
         tokens = 0
+        summarise = getattr(self.s.objective, "train_metrics", None)  # an objective's own step metrics (DPO rewards)
+        metric_sums: dict[str, float] = {}
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
             ctx = wrapped.no_sync() if (self.env.distributed and not sync) else contextlib.nullcontext()
@@ -183,6 +190,9 @@ class Trainer:
                 (loss_sum / denom * self.env.world_size).backward()
             loss_total += loss_sum.detach()
             tokens += int(batch["attention_mask"].sum())
+            if summarise is not None:
+                for key, value in getattr(wrapped, "module", wrapped).metrics.items():
+                    metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
         self.step_stats = {"loss": float(self.env.all_reduce_sum(loss_total.clone()) / denom)}
         self._hook("after_backward", step, self.step_stats)
         grad_norm = None
@@ -197,6 +207,9 @@ class Trainer:
         loss = float(self.env.all_reduce_sum(loss_total) / denom)
         tokens = int(self.env.all_reduce_sum(torch.tensor(tokens, device=self.env.device)))
         stats = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens, "loss_tokens": float(global_weight)}
+        if summarise is not None:  # summed over micro-batches and ranks; keys with "/" are logged
+            stats.update(summarise({k: float(self.env.all_reduce_sum(torch.tensor(v, device=self.env.device)))
+                                    for k, v in sorted(metric_sums.items())}))
         if self.selection is not None:
             stats.update(self.selection.metrics())
         return stats

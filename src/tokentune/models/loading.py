@@ -113,6 +113,8 @@ def load_model(cfg, *, num_labels: int | None = None, label_names: list[str] | N
             if label_names:
                 extra = dict(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
             model = AutoModelForSequenceClassification.from_pretrained(ref, num_labels=num_labels, **extra, **kwargs)
+        elif cfg.task == "masked":
+            model = _load_masked_lm(ref, cfg.name, kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
     except (OSError, ValueError) as exc:
@@ -133,3 +135,20 @@ def load_model(cfg, *, num_labels: int | None = None, label_names: list[str] | N
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     return Loaded(model=model, tokenizer=tokenizer, view=view, ref=ref, task=cfg.task)
+
+
+def _load_masked_lm(ref: str, name: str, kwargs: dict):
+    """A masked LM with its MLM head. A checkpoint without the head's weights (a sentence-embedding encoder such as
+    builtin:minilm-l6) would get a randomly initialised head, so its label-word scores would mean nothing: refuse."""
+    from transformers import AutoModelForMaskedLM
+
+    model, info = AutoModelForMaskedLM.from_pretrained(ref, output_loading_info=True, **kwargs)
+    body = getattr(model, "base_model_prefix", "") + "."
+    head_missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(body))
+    if head_missing:
+        raise TokentuneError(f"{name!r} has no masked-LM head weights (missing: {', '.join(head_missing[:4])}"
+                             f"{', ...' if len(head_missing) > 4 else ''}); its label-word scores would come from a "
+                             "random head", where="model.name",
+                             fix="use a checkpoint saved with its MLM head (a BertForMaskedLM / RobertaForMaskedLM "
+                                 "directory), or model.task: classification for a classification head")
+    return model

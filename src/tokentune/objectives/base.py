@@ -13,14 +13,16 @@ class ObjectiveOutput:
     loss_sum: torch.Tensor  # sum over loss positions of per-token loss x weight (scalar, differentiable)
     weight_sum: torch.Tensor  # sum of those weights in this micro-batch (scalar, no grad)
     token_losses: torch.Tensor | None = None  # [N] per-token losses (detached), for probes and selectors
-    metrics: dict[str, float] = field(default_factory=dict)
+    # summed over evaluation batches; tensors (per-label counts) are summed too, for the objective's eval_metrics()
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
 
 
 class Objective(Protocol):
     """Optional, duck-typed: `attach(model, view)` (after the adapter: load a teacher, add modules with
     soft_prompt.own_module), `param_groups()` (trained modules of its own, e.g. CAFT's heads: optimised with the
     adapter's groups), `state_dict()` / `load_state_dict(state)` (checkpointed under `objective::`),
-    `save(dir)` / `load(dir)` (final/objective/ of a run)."""
+    `save(dir)` / `load(dir)` (final/objective/ of a run), `on_step_start(trainer, step)` (before each optimiser
+    step: schedules over the run, e.g. CAFT's head weights)."""
 
     name: str
 

@@ -50,6 +50,11 @@ class CrossEntropy:
     def _classification(self, model, batch: dict) -> ObjectiveOutput:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["class_labels"]
+        if labels.is_floating_point():  # multi-hot targets: a softmax over classes would be the wrong model
+            from ..errors import TokentuneError
+
+            raise TokentuneError("the data is multi-label (lists of labels); cross_entropy takes one label per record",
+                                 where="objective.name", fix="use objective multilabel_bce")
         losses = F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.config.label_smoothing)
         weights = batch.get("sample_weights", torch.ones_like(losses))
         correct = (logits.argmax(-1) == labels).float().sum().item()

@@ -23,21 +23,29 @@ def loss_metrics(model, view, objective, batches, *, chunk_size: int, autocast, 
 
     was_training = model.training
     model.eval()
-    total, weight, correct = 0.0, 0.0, 0.0
+    total, weight, classes = 0.0, 0.0, False
+    sums: dict = {}  # the objective's metrics summed over batches (counts: floats or per-label tensors)
     for batch in batches:
         with autocast(), batch_scope(adapter, batch):
             out = objective(model, view, batch, chunk_size=chunk_size)
         total += float(out.loss_sum)
         weight += float(out.weight_sum)
-        correct += out.metrics.get("correct", 0.0)
+        classes = classes or "class_labels" in batch
+        for key, value in out.metrics.items():
+            sums[key] = sums.get(key, 0.0) + value
     model.train(was_training)
     if weight == 0:
         return {}
     loss = total / weight
-    if view.is_encoder:  # a class loss, not a language model: perplexity would mean nothing
-        return {"eval/loss": loss, "eval/accuracy": correct / weight}
-    result = {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
-    return result
+    summarise = getattr(objective, "eval_metrics", None)  # an objective's own metrics (multi-label F1)
+    extra = summarise(sums) if summarise is not None else {}
+    # a class loss, or a sequence-level loss (DPO: `perplexity = False`), is no language-model loss: no perplexity
+    if view.is_encoder or classes or not getattr(objective, "perplexity", True):
+        result = {"eval/loss": loss}
+        if "correct" in sums:
+            result["eval/accuracy"] = float(sums["correct"]) / weight
+        return {**result, **extra}
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)), **extra}
 
 
 def exact_match(model, tokenizer, examples, *, max_new_tokens: int, batch_size: int) -> tuple[dict, list[dict]]:

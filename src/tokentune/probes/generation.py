@@ -7,8 +7,13 @@ import torch
 
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int = 16,
-                 temperature: float = 0.0, top_p: float = 1.0) -> list[list[int]]:
-    """New token ids for each prompt, cut at the first EOS (which is not included)."""
+                 temperature: float = 0.0, top_p: float = 1.0, constraint=None,
+                 keep_eos: bool = False) -> list[list[int]]:
+    """New token ids for each prompt, cut at the first EOS (which is not included unless keep_eos: RL rollouts
+    score the decision to stop as an action).
+
+    constraint: optional object with `prefix_allowed_tokens_fn(prompt_length)` (e.g. label_trie.LabelTrie) that
+    restricts every new token; the prompts of a batch are left-padded to one length."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -25,6 +30,8 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: 
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=pad)
+        if constraint is not None:
+            kwargs["prefix_allowed_tokens_fn"] = constraint.prefix_allowed_tokens_fn(width)
         if temperature > 0:
             kwargs.update(temperature=temperature, top_p=top_p)
         else:
@@ -32,7 +39,7 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: 
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         for row in out[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in eos_set), len(row))
-            outputs.append(row[:cut])
+            outputs.append(row[:cut + 1] if keep_eos and cut < len(row) else row[:cut])
     model.train(was_training)
     return outputs
 

@@ -44,6 +44,12 @@ def load_recipe(name: str, path: str | Path, overrides: list[str] = ()):
         raise TokentuneError(f"{path} is a config for recipe {section['name']!r}, not {name!r}", where=f"{path}: recipe.name",
                              fix=f"run `tokentune recipe {section['name']} {path}` or change recipe.name")
     entry = registry.get("recipe", name, where="recipe NAME")
+    if getattr(entry.factory, "makes_train_data", False):  # e.g. LeTI: each round's data comes from the model
+        data = tree.setdefault("data", {})
+        if not isinstance(data, dict) or "train" in data:
+            raise TokentuneError(f"the {name} recipe makes its own training data; data.train would be ignored",
+                                 where=f"{path}: data.train", fix="remove data.train (keep max_length and the like)")
+        data["train"] = f"<made by the {name} recipe>"
     options = {**section, "name": name}
     try:
         recipe_cfg = entry.config_cls.model_validate(options) if entry.config_cls else options
