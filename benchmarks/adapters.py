@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,11 @@ def cli(argv: list[str], tmp: Path) -> tuple[dict | None, float, str]:
 
 def train(task: str, adapter: dict, lr: float, data: dict, run_dir: Path, seed: int, tmp: Path) -> dict:
     spec = TASKS[task]
+    rss_file = run_dir / "bench_peak_rss_mb.txt"
+    if (run_dir / "summary.json").exists() and rss_file.exists():  # finished in an earlier, interrupted run (--work)
+        return _train_row(spec, run_dir, float(rss_file.read_text()))
+    if run_dir.exists():  # a half-finished run: start it again
+        shutil.rmtree(run_dir)
     over = [f"data.train={data['train']}", f"data.eval={data['dev']}", f"train.output_dir={run_dir}",
             f"train.max_steps={spec['steps']}", f"train.batch_size={spec['batch']}", "train.epochs=null",
             f"train.lr={lr}", f"train.seed={seed}", f"adapter={json.dumps(adapter)}", "eval.at_start=false",
@@ -96,6 +102,11 @@ def train(task: str, adapter: dict, lr: float, data: dict, run_dir: Path, seed: 
     _, rss, err = cli(["train", str(ROOT / spec["config"]), *over], tmp)
     if err:
         return {"error": err}
+    rss_file.write_text(str(rss))
+    return _train_row(spec, run_dir, rss)
+
+
+def _train_row(spec: dict, run_dir: Path, rss: float) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"dev": summary["after"].get(spec["metric"]), "rss_mb": round(rss), "trainable": summary["trainable_params"],
             "s_per_step": round(summary["train_seconds"] / max(summary["steps"], 1), 3),
@@ -103,7 +114,7 @@ def train(task: str, adapter: dict, lr: float, data: dict, run_dir: Path, seed: 
 
 
 def evaluate(target: Path, data_eval: Path, tmp: Path, extra: list[str] = ()) -> dict:
-    result, _, err = cli(["eval", str(target), f"data.eval={data_eval}", "--json", *extra], tmp)
+    result, _, err = cli(["eval", str(target), f"data.eval={data_eval}", *extra, "--json"], tmp)
     return result if result is not None else {"error": err}
 
 
@@ -142,6 +153,9 @@ def baseline(task: str, data: dict, general: Path | None, tmp: Path) -> dict:
     out = {"test": evaluate(Path(cfg), data["test"], tmp, common)}
     if general is not None:
         out["general"] = evaluate(Path(cfg), general, tmp, [*common, "eval.generate=false"])
+    for part, result in out.items():  # every row's "before" comes from here: a failure must stop the sweep
+        if "error" in result:
+            raise SystemExit(f"baseline {task}/{part} failed:\n{result['error']}")
     return out
 
 
@@ -154,14 +168,17 @@ def main() -> None:
     p.add_argument("--lrs", choices=["all", "first"], default="all", help="first: only the first lr of each grid")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--work", default=None, help="keep the runs here (default: a temporary directory); a rerun "
+                   "with the same --work reuses every finished training run, so an interrupted sweep resumes")
     args = p.parse_args()
     import torch
     import transformers
 
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
            "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(args.work or scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
         for task in args.tasks.split(","):
             data = write_data(task, tmp / f"data-{task}")
             general = write_general_text(tmp / "general.jsonl") if task == "causal" else None

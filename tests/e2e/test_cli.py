@@ -91,3 +91,12 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     assert main(["train", str(cfg), "train.lrr=1"]) == 2
     err = capsys.readouterr().err
     assert "train.lrr" in err and "did you mean" in err
+
+
+def test_overrides_after_an_option_are_applied(trained, capsys):
+    _, run = trained
+    assert main(["eval", str(run), "--json", "eval.max_examples=2", "eval.generate=false"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "eval/loss" in result and "eval/exact_match" not in result  # generate=false took effect
+    with pytest.raises(SystemExit):  # a stray word that is no override is still refused
+        main(["eval", str(run), "--json", "notanoverride"])
