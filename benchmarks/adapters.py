@@ -88,8 +88,9 @@ def cli(argv: list[str], tmp: Path) -> tuple[dict | None, float, str]:
     return (json.loads(last[-1]) if last else {}), float(rss.read_text()) if rss.exists() else 0.0, ""
 
 
-def train(task: str, adapter: dict, lr: float, data: dict, run_dir: Path, seed: int, tmp: Path) -> dict:
-    spec = TASKS[task]
+def train(task: str, entry: dict, lr: float, data: dict, run_dir: Path, seed: int, tmp: Path) -> dict:
+    spec = {**TASKS[task], "metric": entry.get("metric", TASKS[task]["metric"])}
+    adapter = entry["adapter"]
     rss_file = run_dir / "bench_peak_rss_mb.txt"
     if (run_dir / "summary.json").exists() and rss_file.exists():  # finished in an earlier, interrupted run (--work)
         return _train_row(spec, run_dir, float(rss_file.read_text()))
@@ -98,7 +99,7 @@ def train(task: str, adapter: dict, lr: float, data: dict, run_dir: Path, seed: 
     over = [f"data.train={data['train']}", f"data.eval={data['dev']}", f"train.output_dir={run_dir}",
             f"train.max_steps={spec['steps']}", f"train.batch_size={spec['batch']}", "train.epochs=null",
             f"train.lr={lr}", f"train.seed={seed}", f"adapter={json.dumps(adapter)}", "eval.at_start=false",
-            "log.progress=false", "log.report=false"]
+            "log.progress=false", "log.report=false", *entry.get("overrides", [])]
     _, rss, err = cli(["train", str(ROOT / spec["config"]), *over], tmp)
     if err:
         return {"error": err}
@@ -125,7 +126,7 @@ def bench(method: str, task: str, data: dict, general: Path | None, args, tmp: P
     lrs = entry["lrs"][:1] if args.lrs == "first" else entry["lrs"]
     sweep = {}
     for lr in lrs:
-        sweep[lr] = train(task, entry["adapter"], lr, data, tmp / f"{task}-{method}-{lr}", args.seed, tmp)
+        sweep[lr] = train(task, entry, lr, data, tmp / f"{task}-{method}-{lr}", args.seed, tmp)
     ok = {lr: r for lr, r in sweep.items() if "error" not in r and r["dev"] is not None}
     row = {"benchmark": "adapters", "task": task, "method": method, "adapter": entry["adapter"], "seed": args.seed,
            "steps": TASKS[task]["steps"], "dev_by_lr": {str(lr): r.get("dev", r.get("error")) for lr, r in sweep.items()}}
@@ -134,11 +135,12 @@ def bench(method: str, task: str, data: dict, general: Path | None, args, tmp: P
     best = max(ok, key=lambda lr: ok[lr]["dev"])
     run_dir = tmp / f"{task}-{method}-{best}"
     test = evaluate(run_dir, data["test"], tmp)
-    metric = TASKS[task]["metric"]
+    metric = entry.get("metric", TASKS[task]["metric"])
     row.update(lr=best, trainable_params=ok[best]["trainable"], peak_rss_mb=ok[best]["rss_mb"],
-               s_per_step=ok[best]["s_per_step"], test_before=base["test"].get(metric), test_after=test.get(metric),
+               s_per_step=ok[best]["s_per_step"], test_before=base["test"].get(TASKS[task]["metric"]),
+               test_after=test.get(metric), metric=metric,
                final_train_loss=ok[best]["final_loss"])
-    if general is not None:
+    if general is not None and "metric" not in entry:  # a classification head has no loss on plain text
         after = evaluate(run_dir, general, tmp, ["eval.generate=false"])
         row.update(general_loss_before=base["general"].get("eval/loss"), general_loss_after=after.get("eval/loss"))
         if row["general_loss_before"] is not None and row["general_loss_after"] is not None:

@@ -111,3 +111,13 @@ def test_arithmetic_is_deterministic_disjoint_and_exact(tmp_path):
     assert not questions["train"] & questions["eval"]
     for r in rows["train"]:  # the answer is a number, as the instruction asks
         float(r["messages"][1]["content"])
+
+
+def test_tweets_text_label_for_classification_heads(tmp_path):
+    info = write_tweet_sentiment(tmp_path, n_train=30, n_eval=9, fmt="text_label")
+    rows = read(info["train"]) + read(info["eval"])
+    assert all(set(r) == {"text", "label"} and r["label"] in LABELS for r in rows)
+    messages = read(write_tweet_sentiment(tmp_path / "m", n_train=30, n_eval=9)["train"])
+    # the same tweets in the same order as the chat format, only the record shape differs
+    assert [r["text"] for r in read(info["train"])] == [
+        m["messages"][0]["content"].split("Tweet: ", 1)[1].rsplit("\nAnswer", 1)[0] for m in messages]

@@ -24,7 +24,7 @@ from pathlib import Path
 from tokentune.errors import TokentuneError, did_you_mean
 
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
-TWEET_FORMATS = ("messages", "prompt_completion")
+TWEET_FORMATS = ("messages", "prompt_completion", "text_label")  # text_label: for classification heads
 TWEET_INSTRUCTION = ("Classify the sentiment of this tweet as positive, negative or neutral.\n"
                      "Tweet: {text}\nAnswer with one word.")
 TWEET_PROMPT = "Tweet: {text}\nSentiment (positive, negative or neutral):"
@@ -96,6 +96,8 @@ def _tweet_record(text: str, label: str, fmt: str) -> dict:
     if fmt == "messages":
         return {"messages": [{"role": "user", "content": TWEET_INSTRUCTION.format(text=text)},
                              {"role": "assistant", "content": label}]}
+    if fmt == "text_label":
+        return {"text": text, "label": label}
     return {"prompt": TWEET_PROMPT.format(text=text), "completion": " " + label}
 
 
