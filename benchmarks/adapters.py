@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from adapter_methods import METHODS  # noqa: E402
 
+GENERAL_EVAL = ["data.format=text", "eval.generate=false"]  # plain passages: loss only, no generation
 TASKS = {
     "causal": {"config": "examples/quickstart.yaml", "steps": 40, "batch": 8, "metric": "eval/exact_match"},
     "encoder": {"config": "examples/bbc_minilm.yaml", "steps": 60, "batch": 16, "metric": "eval/accuracy"},
@@ -141,7 +142,7 @@ def bench(method: str, task: str, data: dict, general: Path | None, args, tmp: P
                test_after=test.get(metric), metric=metric,
                final_train_loss=ok[best]["final_loss"])
     if general is not None and "metric" not in entry:  # a classification head has no loss on plain text
-        after = evaluate(run_dir, general, tmp, ["eval.generate=false"])
+        after = evaluate(run_dir, general, tmp, GENERAL_EVAL)
         row.update(general_loss_before=base["general"].get("eval/loss"), general_loss_after=after.get("eval/loss"))
         if row["general_loss_before"] is not None and row["general_loss_after"] is not None:
             row["forgetting"] = round(row["general_loss_after"] - row["general_loss_before"], 4)
@@ -154,7 +155,7 @@ def baseline(task: str, data: dict, general: Path | None, tmp: Path) -> dict:
     common = [f"data.train={data['train']}", "adapter={\"name\": \"full\"}"]
     out = {"test": evaluate(Path(cfg), data["test"], tmp, common)}
     if general is not None:
-        out["general"] = evaluate(Path(cfg), general, tmp, [*common, "eval.generate=false"])
+        out["general"] = evaluate(Path(cfg), general, tmp, [*common, *GENERAL_EVAL])
     for part, result in out.items():  # every row's "before" comes from here: a failure must stop the sweep
         if "error" in result:
             raise SystemExit(f"baseline {task}/{part} failed:\n{result['error']}")

@@ -70,6 +70,10 @@ def cmd_eval(args) -> int:
     target = Path(args.target)
     trained = target if target.is_dir() else None
     cfg = run_config(target, args.overrides) if trained else load_config(target, args.overrides)
+    if cfg.data.eval is not None and (trained or cfg.model.task == "causal"):
+        # the training records play no part (a trained run brings its label names), and they may be in another
+        # format than the eval file (held-out plain text after chat training): read only the eval file
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": cfg.data.eval})})
     env = _env(cfg.train.device)
     session = build_session(cfg, env, trained_from=trained)
     examples = session.splits.eval or session.splits.train

@@ -100,3 +100,13 @@ def test_overrides_after_an_option_are_applied(trained, capsys):
     assert "eval/loss" in result and "eval/exact_match" not in result  # generate=false took effect
     with pytest.raises(SystemExit):  # a stray word that is no override is still refused
         main(["eval", str(run), "--json", "notanoverride"])
+
+
+def test_eval_reads_only_the_eval_file(trained, tmp_path, capsys):
+    """Held-out plain text after prompt/completion training: the training records are not re-read."""
+    _, run = trained
+    text = tmp_path / "general.jsonl"
+    text.write_text("".join(json.dumps({"text": f"plain passage number {i} about nothing"}) + "\n" for i in range(3)))
+    assert main(["eval", str(run), f"data.eval={text}", "data.format=text", "eval.generate=false", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["eval/loss"] > 0 and "eval/exact_match" not in result
