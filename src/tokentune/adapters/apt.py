@@ -18,7 +18,6 @@ r only, so the branch never mixes positions: causal, packing- and cache-safe by 
 from __future__ import annotations
 
 import contextlib
-import json
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -32,9 +31,9 @@ from ..errors import TokentuneError
 from ..registry import register
 from .base import ParamGroup
 from .soft_prompt import freeze_base, own_module, refuse_merge, task_head_params
-from .state_io import copy_state, read_tensors, require_attached, tensor_state, write_tensors
+from .state_io import check_meta, copy_state, read_tensors, require_attached, tensor_state, write_meta, write_tensors
 
-WEIGHTS, META = "trainable.safetensors", "tokentune_adapter.json"
+WEIGHTS = "trainable.safetensors"
 _SHAPING = ("num_memory", "rank")  # keys that change the saved tensors' shapes
 
 
@@ -172,25 +171,12 @@ class APTAdapter:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_tensors(out_dir / WEIGHTS, self.state_dict())
-        meta = {"adapter": self.name, "base_model_name_or_path": base_ref,
-                "config": self.config.model_dump(mode="json"), "sites": self.sites}
-        (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+        write_meta(out_dir, self.name, base_ref, self.config, sites=self.sites)
 
     def load(self, in_dir: Path) -> None:
         require_attached(self)
         in_dir = Path(in_dir)
-        meta_path = in_dir / META
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("adapter") != self.name:
-                raise TokentuneError(f"{in_dir} was written by the {meta.get('adapter')!r} adapter, not 'apt'",
-                                     where=str(meta_path), fix="attach the adapter named in tokentune_adapter.json")
-            ours = self.config.model_dump(mode="json")
-            differ = {k: v for k, v in meta.get("config", {}).items() if k in _SHAPING and ours.get(k) != v}
-            if differ:
-                raise TokentuneError(f"the adapter was trained with {differ}, this one is configured with "
-                                     f"{ {k: ours.get(k) for k in differ} }", where=str(meta_path),
-                                     fix="set " + " ".join(f"adapter.{k}={v}" for k, v in differ.items()))
+        check_meta(in_dir, self.name, self.config, _SHAPING, required=False)
         copy_state(self._own() + self._head_params, read_tensors(in_dir / WEIGHTS), source=str(in_dir / WEIGHTS))
 
     @contextlib.contextmanager

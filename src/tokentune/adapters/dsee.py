@@ -5,7 +5,6 @@ pruning), with training continuing after the pruning to recover."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -21,9 +20,9 @@ from .dsee_layer import DseeLinear, oriented
 from .dsee_phases import PruningPhases
 from .dsee_support import broadcast_from_first_rank, select_support
 from .lora_layer import linear_shape
-from .state_io import read_tensors, require_attached, write_tensors
+from .state_io import check_meta, read_tensors, require_attached, write_meta, write_tensors
 
-WEIGHTS, META = "trainable.safetensors", "tokentune_adapter.json"
+WEIGHTS = "trainable.safetensors"
 _UNSTRUCTURED = ("sparsity", "prune_score", "other_sparsity")
 _STRUCTURED = ("head_sparsity", "ffn_sparsity", "l1_penalty")
 
@@ -201,29 +200,13 @@ class DseeAdapter(PruningPhases):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_tensors(out_dir / WEIGHTS, self.state_dict())
-        meta = {"adapter": self.name, "base_model_name_or_path": base_ref,
-                "config": self.config.model_dump(mode="json"), "modules": sorted(self.wrappers), "pruned": self.pruned}
-        (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+        write_meta(out_dir, self.name, base_ref, self.config, modules=sorted(self.wrappers), pruned=self.pruned)
 
     def load(self, in_dir: Path) -> None:
         """Read what save() wrote; r, alpha, num_sparse, targets and pruning must equal this config's."""
         self._live()
         in_dir = Path(in_dir)
-        meta_path = in_dir / META
-        if not meta_path.is_file():
-            raise TokentuneError(f"{META} not found in {in_dir}", where=str(in_dir),
-                                 fix="point at the directory that the dsee adapter's save() wrote")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("adapter") != self.name:
-            raise TokentuneError(f"{in_dir} was written by the {meta.get('adapter')!r} adapter, not dsee",
-                                 where=str(meta_path), fix="attach the adapter named in tokentune_adapter.json")
-        keys = ("r", "alpha", "num_sparse", "targets", "pruning")
-        theirs, ours = meta["config"], self.config.model_dump(mode="json")
-        differ = {k: theirs.get(k) for k in keys if theirs.get(k) != ours[k]}
-        if differ:
-            raise TokentuneError(f"the adapter was trained with {differ}, this one is configured with "
-                                 f"{ {k: ours[k] for k in differ} }", where=str(meta_path),
-                                 fix="set " + " ".join(f"adapter.{k}={v}" for k, v in differ.items()))
+        check_meta(in_dir, self.name, self.config, ("r", "alpha", "num_sparse", "targets", "pruning"), required=True)
         self.load_state_dict(read_tensors(in_dir / WEIGHTS), source=str(in_dir / WEIGHTS))
 
     def merge(self) -> None:

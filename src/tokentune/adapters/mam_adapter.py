@@ -5,7 +5,6 @@ names carry the prefix "prefix.", FFN-adapter names are module paths in the mode
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -18,9 +17,9 @@ from .base import ParamGroup
 from .parallel_adapter import ScaledParallelAdapter, ScaledParallelAdapterConfig
 from .parallel_layer import Activation
 from .prefix_tuning import PrefixTuning, PrefixTuningConfig
-from .state_io import require_attached
+from .state_io import check_meta, require_attached, write_meta
 
-META, PREFIX_DIR, FFN_DIR = "tokentune_adapter.json", "prefix", "ffn_adapter"
+PREFIX_DIR, FFN_DIR = "prefix", "ffn_adapter"
 PREFIX = "prefix."
 # Keys that change the function of saved weights; the parts check their own keys on load as well.
 _SHAPING = ("num_virtual_tokens", "reparameterize", "prefix_hidden", "r", "scale", "learn_scale", "activation")
@@ -126,27 +125,12 @@ class MamAdapter:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix_tuning.save(out_dir / PREFIX_DIR, base_ref)
         self.ffn_adapter.save(out_dir / FFN_DIR, base_ref)
-        meta = {"adapter": self.name, "base_model_name_or_path": base_ref,
-                "config": self.config.model_dump(mode="json"), "parts": [PREFIX_DIR, FFN_DIR]}
-        (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+        write_meta(out_dir, self.name, base_ref, self.config, parts=[PREFIX_DIR, FFN_DIR])
 
     def load(self, in_dir: Path) -> None:
         require_attached(self)
         in_dir = Path(in_dir)
-        meta_path = in_dir / META
-        if not meta_path.is_file():
-            raise TokentuneError(f"{META} not found in {in_dir}", where=str(in_dir),
-                                 fix="point at the directory a mam_adapter run's save() wrote (its final/)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("adapter") != self.name:
-            raise TokentuneError(f"{in_dir} was written by the {meta.get('adapter')!r} adapter, not mam_adapter",
-                                 where=str(meta_path), fix="attach the adapter named in tokentune_adapter.json")
-        ours = self.config.model_dump(mode="json")
-        differ = {k: v for k, v in meta.get("config", {}).items() if k in _SHAPING and ours.get(k) != v}
-        if differ:
-            raise TokentuneError(f"the adapter was trained with {differ}, this one is configured with "
-                                 f"{ {k: ours.get(k) for k in differ} }", where=str(meta_path),
-                                 fix="set " + " ".join(f"adapter.{k}={v}" for k, v in differ.items()))
+        check_meta(in_dir, self.name, self.config, _SHAPING, required=True)
         self.prefix_tuning.load(in_dir / PREFIX_DIR)
         self.ffn_adapter.load(in_dir / FFN_DIR)
 

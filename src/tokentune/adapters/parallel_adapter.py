@@ -4,7 +4,6 @@ added to the sublayer's output (parallel insertion). The plain variant has s = 1
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -17,9 +16,9 @@ from ..registry import register
 from .base import ParamGroup
 from .parallel_layer import (CHILD, Activation, Bottleneck, Placement, hidden_size, install, model_dropout,
                              sublayers)
-from .state_io import copy_state, read_tensors, require_attached, tensor_state, write_tensors
+from .state_io import check_meta, copy_state, read_tensors, require_attached, tensor_state, write_meta, write_tensors
 
-WEIGHTS, META = "trainable.safetensors", "tokentune_adapter.json"
+WEIGHTS = "trainable.safetensors"
 # Keys that change the function the saved weights compute; a load with different values is refused.
 _SHAPING = ("r", "placement", "activation", "scale", "learn_scale")
 
@@ -148,25 +147,12 @@ class ParallelAdapter:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_tensors(out_dir / WEIGHTS, self.state_dict())
-        meta = {"adapter": self.name, "base_model_name_or_path": base_ref,
-                "config": self.config.model_dump(mode="json"), "parameters": [n for n, _ in self._params]}
-        (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+        write_meta(out_dir, self.name, base_ref, self.config, parameters=[n for n, _ in self._params])
 
     def load(self, in_dir: Path) -> None:
         require_attached(self)
         in_dir = Path(in_dir)
-        meta_path = in_dir / META
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("adapter") != self.name:
-                raise TokentuneError(f"{in_dir} was written by the {meta.get('adapter')!r} adapter, not {self.name!r}",
-                                     where=str(meta_path), fix="attach the adapter named in tokentune_adapter.json")
-            ours = self.config.model_dump(mode="json")
-            differ = {k: v for k, v in meta.get("config", {}).items() if k in _SHAPING and ours.get(k) != v}
-            if differ:
-                raise TokentuneError(f"the adapter was trained with {differ}, this one is configured with "
-                                     f"{ {k: ours.get(k) for k in differ} }", where=str(meta_path),
-                                     fix="set " + " ".join(f"adapter.{k}={v}" for k, v in differ.items()))
+        check_meta(in_dir, self.name, self.config, _SHAPING, required=False)
         copy_state(self._params, read_tensors(in_dir / WEIGHTS), source=str(in_dir / WEIGHTS))
 
     def merge(self) -> None:

@@ -58,3 +58,37 @@ def require_attached(adapter) -> None:
     if not getattr(adapter, "_attached", False):
         raise TokentuneError(f"adapter {adapter.name!r} is not attached to a model",
                              fix="call attach(model, ModelView(model)) first")
+
+
+META = "tokentune_adapter.json"  # which adapter wrote a directory, with its config and the base it belongs to
+
+
+def write_meta(out_dir: Path, adapter: str, base_ref: str, config, **extra) -> None:
+    import json
+
+    meta = {"adapter": adapter, "base_model_name_or_path": base_ref, "config": config.model_dump(mode="json"), **extra}
+    (Path(out_dir) / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def check_meta(in_dir: Path, adapter: str, config, shaping, *, required: bool) -> dict | None:
+    """Refuse a directory written by another adapter, or with other values of the keys that shape the tensors
+    (`shaping`); the error says which adapter.KEY=VALUE overrides would match it. Returns the metadata."""
+    import json
+
+    path = Path(in_dir) / META
+    if not path.is_file():
+        if required:
+            raise TokentuneError(f"{META} not found in {in_dir}", where=str(in_dir),
+                                 fix=f"point at the directory that the {adapter} adapter's save() wrote (a run's final/)")
+        return None
+    meta = json.loads(path.read_text())
+    if meta.get("adapter") != adapter:
+        raise TokentuneError(f"{in_dir} was written by the {meta.get('adapter')!r} adapter, not {adapter!r}",
+                             where=str(path), fix=f"attach the adapter named in {META}")
+    theirs, ours = meta.get("config", {}), config.model_dump(mode="json")
+    differ = {k: theirs[k] for k in shaping if k in theirs and theirs[k] != ours.get(k)}
+    if differ:
+        raise TokentuneError(f"the adapter was trained with {differ}, this one is configured with "
+                             f"{ {k: ours.get(k) for k in differ} }", where=str(path),
+                             fix="set " + " ".join(f"adapter.{k}={v}" for k, v in differ.items()))
+    return meta
