@@ -122,7 +122,7 @@ def run_setting(args) -> dict:
     selector = None
     if args.keep < 1:
         options = dict(mode="ratio", keep_ratio=args.keep, block_size=args.block_size, causal_scores=args.causal_scores,
-                       layers=parse_layers(args.layers))
+                       layers=parse_layers(args.layers), loss_on_eliminated=not args.drop_eliminated_loss)
         if args.scores == "predictor":
             options.update(predictor=True, calibration_batches=CALIBRATION_CHUNKS)
         selector = Lemo(LemoConfig(**options))
@@ -138,8 +138,11 @@ def run_setting(args) -> dict:
     opt = torch.optim.AdamW(params, lr=args.lr)
 
     model.train()
-    times, losses, activations, keep = [], [], None, []
+    times, losses, activations, keep, loss_kept = [], [], None, [], []
     for i, batch in enumerate(train):
+        norm = token_weight_total(batch)  # fixed before the forward, as in the trainer
+        if selector is not None:
+            batch = selector.select(batch, None)
         if bf16:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -148,7 +151,7 @@ def run_setting(args) -> dict:
                 out, activations = saved_bytes(model, lambda: objective(model, view, batch, chunk_size=1024))
             else:
                 out = objective(model, view, batch, chunk_size=1024)
-            loss = out.loss_sum / token_weight_total(batch)
+            loss = out.loss_sum / norm
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -158,11 +161,13 @@ def run_setting(args) -> dict:
             times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
         keep.append(selector.runtime.last_keep["mean"] if selector else 1.0)
+        loss_kept.append(float(token_weight_total(batch) / norm))  # < 1 only with --drop-eliminated-loss
     peak = (torch.cuda.max_memory_allocated() / 2**20 if bf16
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     result.update({"step_s": sum(times) / len(times), "peak_mb": round(peak, 1),
                    "peak_kind": "cuda_max_allocated" if bf16 else "peak_rss",
                    "saved_activation_mb": round(activations / 2**20, 1), "kept_fraction": sum(keep) / len(keep),
+                   "loss_tokens_kept": sum(loss_kept) / len(loss_kept),
                    "train_losses": losses})
     if args.heldout:
         result["heldout_loss"] = heldout_loss(model, view, objective, heldout, autocast)
@@ -175,6 +180,7 @@ def run_child(args, seq: int, keep: float, scores: str, steps: int, warmup: int,
            "--steps", str(steps), "--warmup", str(warmup)]
     cmd += (["--heldout"] if heldout else []) + (["--causal-scores"] if args.causal_scores else [])
     cmd += ["--layers", args.layers] if args.layers else []
+    cmd += ["--drop-eliminated-loss"] if args.drop_eliminated_loss else []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
     row = json.loads(out)
@@ -221,6 +227,8 @@ def main() -> None:
     p.add_argument("--causal-scores", action="store_true", help="lemo's causal_scores option")
     p.add_argument("--layers", help="lemo's layers: all, or e.g. 0,5,29 (default: every layer but the first)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--drop-eliminated-loss", action="store_true",
+                   help="lemo's loss_on_eliminated: false (tokens that skipped a layer carry no loss)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
     p.add_argument("--keep", type=float, help=argparse.SUPPRESS)
@@ -242,7 +250,8 @@ def main() -> None:
 
     print(json.dumps({
         "benchmark": "lemo_memory", "model": args.model, "batch": 1, "lora_r": 16, "block_size": args.block_size,
-        "causal_scores": args.causal_scores, "layers": args.layers or "default", "steps": args.steps, "warmup": args.warmup, "lr": args.lr,
+        "causal_scores": args.causal_scores, "layers": args.layers or "default",
+        "loss_on_eliminated": not args.drop_eliminated_loss, "steps": args.steps, "warmup": args.warmup, "lr": args.lr,
         "sweep": sweep, "quality": {"seq": args.quality_seq, "steps": args.quality_steps, "results": quality},
         "wall_s": round(time.time() - start, 1),
         "env": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),

@@ -366,3 +366,46 @@ def test_trainer_keep_all_equals_plain_training_and_eliminating_reports(tmp_path
     assert record["select/lemo_keep"] == pytest.approx((1 + record["select/lemo_keep_layer_1"]) / 2)
     assert all(math.isfinite(x) for x in losses(tmp_path / "sparse" / "run"))
     assert losses(tmp_path / "sparse" / "run") != losses(tmp_path / "plain" / "run")
+
+
+def test_loss_on_eliminated_false_drops_exactly_the_skipped_tokens(monkeypatch):
+    """The hidden state of token t predicts labels[t + 1]: that weight goes to 0 when t skipped any eliminating
+    layer of this forward; everything else (and the caller's batch) is untouched, and the loss is the same
+    forward's per-token losses summed over the surviving tokens."""
+    from tokentune.selection import lemo_runtime
+    from tokentune.objectives.cross_entropy import CrossEntropy, CrossEntropyConfig
+
+    model, view = _model()
+    batch = _batch()
+    batch["labels"] = batch["input_ids"].clone()
+    batch["labels"][1, :5] = -100
+    batch["loss_weights"] = torch.ones(batch["input_ids"].shape)
+    keeps = []
+    real = lemo_runtime.gathered_forward
+    monkeypatch.setattr(lemo_runtime, "gathered_forward",
+                        lambda inner, h, keep, kw, kind: keeps.append(keep.clone()) or real(inner, h, keep, kw, kind))
+    objective = CrossEntropy(CrossEntropyConfig())
+    results = {}
+    for drop in (False, True):
+        sel = Lemo(LemoConfig(block_size=8, mode="ratio", keep_ratio=0.6, layers="all", loss_on_eliminated=not drop))
+        sel.install(model, view)
+        model.train()
+        keeps.clear()
+        selected = sel.select(batch, None)
+        with torch.no_grad():
+            results[drop] = (objective(model, view, selected, chunk_size=16), selected["loss_weights"], list(keeps))
+        sel.detach()
+        model.eval()
+    (full, w_full, plan_a), (dropped, w_drop, plan_b) = results[False], results[True]
+    assert len(plan_a) == 2 and all(torch.equal(a, b) for a, b in zip(plan_a, plan_b))  # the same plan both times
+    kept_everywhere = torch.stack(plan_a).all(0)  # [B, T]
+    expected = torch.ones_like(w_drop)
+    expected[:, 1:] = kept_everywhere[:, :-1].float()
+    assert torch.equal(w_drop, expected) and torch.equal(w_full, torch.ones_like(w_full))
+    assert torch.equal(batch["loss_weights"], torch.ones_like(w_full))  # the caller's tensor is not modified
+    labels = batch["labels"][:, 1:]
+    live = (labels != -100)
+    rows, cols = live.nonzero(as_tuple=True)
+    keep_tok = kept_everywhere[:, :-1][rows, cols]
+    assert 0 < int(keep_tok.sum()) < len(keep_tok)
+    torch.testing.assert_close(dropped.loss_sum, full.token_losses[keep_tok].sum(), rtol=1e-5, atol=1e-5)

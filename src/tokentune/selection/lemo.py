@@ -46,6 +46,9 @@ class LemoConfig(BaseModel):
     predictor_epochs: int = Field(300, gt=0)
     predictor_lr: float = Field(1e-2, gt=0)
     score_chunk: int = Field(512, gt=0, description="queries per chunk when computing exact scores")
+    loss_on_eliminated: bool = Field(
+        True, description="false: a token that skipped any layer in this forward carries no loss (its final state "
+                          "misses those layers); the normaliser, fixed before the forward, still counts it")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -162,7 +165,11 @@ class Lemo:
             raise TokentuneError("the lemo selector was not attached to a training session",
                                  fix="build the run with tokentune train (or call install(model, view, ...))")
         self.runtime.sink = signals  # the layers report their kept fractions into this step's metrics
-        return dict(batch)
+        batch = dict(batch)
+        if not self.config.loss_on_eliminated:  # the layers zero the weights of the tokens they skip (a copy)
+            batch["loss_weights"] = batch["loss_weights"].clone()
+            self.runtime.loss_weights = batch["loss_weights"]
+        return batch
 
 
 def _check_model(model, view) -> int | None:

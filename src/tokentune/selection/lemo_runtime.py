@@ -48,6 +48,8 @@ class LemoRuntime:
         self.recorder = None
         self.record_inputs = False  # calibration also records the predictors' inputs when they are trained
         self.sink = None  # the Signals of the step being trained: its report() collects the kept fractions
+        self.loss_weights = None  # loss_on_eliminated false: this micro-batch's weights, zeroed where tokens skip
+        self._loss_before = 0.0
         self.fractions: dict[int, float] = {}
         self.last_keep: dict[int, float] = {}
         self.patches = [LayerPatch(view.layers[i], i, self) for i in layers]
@@ -85,11 +87,13 @@ class LemoRuntime:
             return inner(hidden, **kwargs)
         rule = self.rule(i)
         if rule.get("keep_ratio", 0) >= 1 or rule.get("threshold", 0) == -math.inf:
+            self.drop_loss(i, None)
             self.report(i, 1.0)
             return inner(hidden, **kwargs)
         with torch.no_grad():
             scores = self.scores(layer, i, hidden, kwargs)
         keep = block_to_tokens(plan_blocks(scores, **rule), self.block, hidden.shape[1])
+        self.drop_loss(i, keep)
         self.report(i, float(keep.float().mean()))
         if bool(keep.all()):
             return inner(hidden, **kwargs)
@@ -120,6 +124,21 @@ class LemoRuntime:
         seg = segment_ids(kwargs["position_ids"].expand(hidden.shape[0], -1))
         emb = block_embeddings(normed_input(layer, hidden), self.block)
         return predictor.token_scores(emb, block_allowed(seg, self.block, self.causal))
+
+    def drop_loss(self, i: int, keep: torch.Tensor) -> None:
+        """loss_on_eliminated false: the hidden state of a skipped token t predicts labels[t + 1]; that weight
+        goes to 0. After the last eliminating layer the weights are released (they belong to one forward)."""
+        w = self.loss_weights
+        if w is None:
+            return
+        if i == self.layers[0]:
+            self._loss_before = float((w[:, 1:] != 0).sum())
+        if keep is not None:
+            w[:, 1:].masked_fill_(~keep[:, :-1].to(w.device), 0)
+        if i == self.layers[-1]:
+            if self.sink is not None and self._loss_before:
+                self.sink.report("select/lemo_loss_tokens_kept", float((w[:, 1:] != 0).sum()) / self._loss_before)
+            self.loss_weights = None
 
     # --- metrics ---------------------------------------------------------------------------------
     def report(self, i: int, fraction: float) -> None:
