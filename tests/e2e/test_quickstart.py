@@ -30,7 +30,7 @@ def test_minilm_bbc_classification_path(tmp_path):
     run = tmp_path / "run"
     assert main(["train", str(ROOT / "examples" / "bbc_minilm.yaml"), f"data.train={data / 'train.jsonl'}",
                  f"data.eval={data / 'eval.jsonl'}", f"train.output_dir={run}", "train.epochs=null",
-                 "train.max_steps=12", "eval.max_examples=100", "log.progress=false"]) == 0
+                 "train.max_steps=24", "eval.max_examples=100", "log.progress=false"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["after"]["eval/accuracy"] > summary["before"]["eval/accuracy"] + 0.2
     assert (run / "final" / "model.safetensors").exists()
