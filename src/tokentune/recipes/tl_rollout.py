@@ -21,6 +21,7 @@ from ..data.records import Record, RecordError
 from ..errors import TokentuneError
 from ..objectives.ppo import PPOLoss, gae, token_rewards
 from ..probes.generation import generate_ids
+from ..selection.tl_weights import tool_observations
 from ..selection.tl_weights_calls import as_text, is_error, parse_text_calls, structured_calls, tool_names
 from ..selection.tl_weights_render import Renderer
 from .tl_reward import RewardTable, ToolCall, classify, parse_text_call, reward
@@ -93,7 +94,7 @@ def tool_prompts(records: list[Record], tokenizer, selector, data_cfg) -> tuple[
             if gold is None:
                 stats["turns_without_one_call"] += 1
                 continue
-            observations = _observations(messages, i)
+            observations = tool_observations(messages, i)
             if selector.config.mae and any(is_error(x["content"], selector.markers) for x in observations):
                 stats["erroneous_calls"] += 1
                 continue
@@ -104,16 +105,6 @@ def tool_prompts(records: list[Record], tokenizer, selector, data_cfg) -> tuple[
                 continue
             prompts.append(ToolPrompt(f"{rec.source} message {i}", ids, gold, tools))
     return prompts, {"prompts": len(prompts), **stats}
-
-
-def _observations(messages: list[dict], i: int) -> list[dict]:
-    """The tool messages right after message i (several after parallel calls), as MAE reads them."""
-    out = []
-    for m in messages[i + 1:]:
-        if m["role"] != "tool":
-            break
-        out.append(m)
-    return out
 
 
 class Reference:

@@ -174,7 +174,7 @@ class TLWeights:
         self.stats["turns"] += len(assistant)
         kept = []
         for n, i in enumerate(assistant, 1):
-            if self.config.mae and any(is_error(m["content"], self.markers) for m in _observations(messages, i)):
+            if self.config.mae and any(is_error(m["content"], self.markers) for m in tool_observations(messages, i)):
                 self.stats["dropped"].append(f"{rec.source} turn {n}")
             else:
                 kept.append((n, i))
@@ -242,7 +242,7 @@ class TLWeights:
         return "\n".join(lines)
 
 
-def _observations(messages: list[dict], i: int) -> list[dict]:
+def tool_observations(messages: list[dict], i: int) -> list[dict]:
     """The tool messages right after message i (several when the turn made parallel calls)."""
     out = []
     for m in messages[i + 1:]:
