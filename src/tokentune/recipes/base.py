@@ -89,3 +89,15 @@ def write_summary(base: RunConfig, summary: dict) -> Path:
     path = out / "recipe_summary.json"
     atomic_write_text(path, json.dumps(summary, indent=1, default=str))
     return path
+
+
+def nested_adapter(value: dict, config_cls, name: str, defaults: dict, where: str, why: str):
+    """A recipe section holding one adapter's options (e.g. ProMoT's `prompt`, PANDA's `prefix`): the name may be
+    left out but must be `name`; the rest is validated by the adapter's own config class, on top of the recipe's
+    defaults, with errors pointing at `where`. Returns the validated config."""
+    if value.get("name", name) != name:
+        raise TokentuneError(f"{why}, got {value['name']!r}", where=f"{where}.name", fix=f"drop {where}.name")
+    try:
+        return config_cls.model_validate({**defaults, **value, "name": name})
+    except ValidationError as exc:
+        raise _friendly(exc, config_cls, prefix=where) from None

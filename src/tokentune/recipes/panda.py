@@ -24,7 +24,7 @@ from ..adapters.prefix_tuning import PrefixTuningConfig
 from ..data.config import DataConfig
 from ..errors import TokentuneError
 from ..registry import register
-from .base import stage_config
+from .base import nested_adapter, stage_config
 from .panda_transfer import beta_from_similarity, load_prefix, transferability
 from .promot import check_train_overrides, refuse_base_sections, train_stage
 
@@ -63,17 +63,8 @@ class PandaConfig(BaseModel):
     @field_validator("prefix")
     @classmethod
     def _prefix_valid(cls, value):
-        from pydantic import ValidationError
-
-        from ..config import _friendly
-
-        if value.get("name", "prefix_tuning") != "prefix_tuning":
-            raise TokentuneError(f"PANDA's prompts are P-tuning-v2 deep prompts (prefix_tuning), got {value['name']!r}",
-                                 where="recipe.prefix.name", fix="drop recipe.prefix.name")
-        try:
-            cfg = PrefixTuningConfig.model_validate({**PREFIX_DEFAULTS, **value, "name": "prefix_tuning"})
-        except ValidationError as exc:
-            raise _friendly(exc, PrefixTuningConfig, prefix="recipe.prefix") from None
+        cfg = nested_adapter(value, PrefixTuningConfig, "prefix_tuning", PREFIX_DEFAULTS, "recipe.prefix",
+                             "PANDA's prompts are P-tuning-v2 deep prompts (prefix_tuning)")
         if cfg.train_head is False:
             raise TokentuneError("PANDA trains a task head with every prompt", where="recipe.prefix.train_head",
                                  fix="drop train_head")

@@ -24,7 +24,7 @@ from ..adapters.prompt_tuning import PromptTuningConfig
 from ..config import TrainConfig
 from ..errors import TokentuneError, did_you_mean
 from ..registry import register
-from .base import stage_config
+from .base import nested_adapter, stage_config
 
 PROMPT_DEFAULTS = {"num_virtual_tokens": 100, "lr": 0.2}  # the paper: p = 100, prompt lr 0.2
 
@@ -76,17 +76,8 @@ class ProMoTConfig(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt_valid(cls, value):
-        if value.get("name", "prompt_tuning") != "prompt_tuning":
-            raise TokentuneError(f"ProMoT's stage-1 prompt is prompt_tuning, got {value['name']!r}",
-                                 where="recipe.prompt.name", fix="drop recipe.prompt.name")
-        from pydantic import ValidationError
-
-        from ..config import _friendly
-
-        try:
-            cfg = PromptTuningConfig.model_validate({**PROMPT_DEFAULTS, **value, "name": "prompt_tuning"})
-        except ValidationError as exc:
-            raise _friendly(exc, PromptTuningConfig, prefix="recipe.prompt") from None
+        cfg = nested_adapter(value, PromptTuningConfig, "prompt_tuning", PROMPT_DEFAULTS, "recipe.prompt",
+                             "ProMoT's stage-1 prompt is prompt_tuning")
         return cfg.model_dump(mode="json")
 
     @field_validator("model_adapter")
