@@ -42,7 +42,8 @@ def run_row(name: str, extra: list[str]) -> tuple[list[dict], str]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-    error = "" if proc.returncode == 0 else proc.stderr[-2000:]
+    # The exit status says whether the row crashed or was killed (a negative status is the signal number).
+    error = "" if proc.returncode == 0 else f"exit status {proc.returncode}: {proc.stderr[-2000:]}"
     return rows, error
 
 
