@@ -162,6 +162,13 @@ def baseline(task: str, data: dict, general: Path | None, tmp: Path) -> dict:
     return out
 
 
+def _done_pairs(out: str | None) -> set[tuple[str, str]]:
+    if out is None or not Path(out).exists():
+        raise SystemExit("--skip-done needs --out pointing at the JSON lines of the earlier sweep")
+    rows = [json.loads(line) for line in Path(out).read_text().splitlines() if line.startswith("{")]
+    return {(r["task"], r["method"]) for r in rows if "error" not in r}
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         sys.exit(child(sys.argv[4:], sys.argv[2]))
@@ -173,7 +180,10 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--work", default=None, help="keep the runs here (default: a temporary directory); a rerun "
                    "with the same --work reuses every finished training run, so an interrupted sweep resumes")
+    p.add_argument("--skip-done", action="store_true", help="skip (task, method) pairs that already have a "
+                   "row without an error in --out (with --work, a resumed sweep then re-evaluates nothing)")
     args = p.parse_args()
+    done = _done_pairs(args.out) if args.skip_done else set()
     import torch
     import transformers
 
@@ -187,7 +197,7 @@ def main() -> None:
             general = write_general_text(tmp / "general.jsonl") if task == "causal" else None
             base = baseline(task, data, general, tmp)
             for method in args.methods.split(","):
-                if METHODS[method].get(task) is None:
+                if METHODS[method].get(task) is None or (task, method) in done:
                     continue
                 t0 = time.time()
                 row = bench(method, task, data, general, args, tmp, base)
