@@ -1,12 +1,18 @@
 """Render the JSON lines of benchmarks/adapters.py as the markdown tables of docs/adapters/benchmarks.md.
 
-  python benchmarks/adapters_table.py benchmarks/adapters_results.jsonl
+  python benchmarks/adapters_table.py benchmarks/adapters_results.jsonl                       # the tables
+  python benchmarks/adapters_table.py benchmarks/adapters_results.jsonl --pages docs/adapters  # + each page
+
+With --pages, every method page's "**Measured (benchmark).**" paragraph (inserted after the page's
+"**Measured.**" line the first time) is rewritten from the same rows, so the pages never disagree with the table.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import re
+from pathlib import Path
 
 COLUMNS = ["method", "lr", "trainable", "test before", "test after", "Δ", "s/step", "peak RSS MB", "forgetting",
            "dev accuracy per lr"]
@@ -45,9 +51,74 @@ def render(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+# benchmark row -> the docs page that describes the method
+PAGES = {"full": "full.md", "lora": "lora.md", "prompt_tuning": "prompt_tuning.md", "prefix_tuning": "prefix_tuning.md",
+         "hft": "hft.md", "layerwise_llrd": "layerwise.md", "last_block": "layerwise.md", "lt_sft": "lt_sft.md",
+         "dept": "dept.md", "ept": "ept.md", "parallel_adapter": "parallel_adapter.md",
+         "scaled_parallel_adapter": "parallel_adapter.md", "mam_adapter": "mam_adapter.md",
+         "greentrainer_50": "greentrainer.md", "locft": "locft.md", "dsee": "dsee.md", "cpt": "cpt.md",
+         "iapt": "iapt.md", "ptec": "ptec.md", "apt": "apt.md"}
+TASK_WORDS = {"causal": "SmolLM2-135M-Instruct, tweet sentiment", "encoder": "MiniLM-L6, BBC News topics"}
+MARK = "**Measured (benchmark).**"
+
+
+def sentence(row: dict) -> str:
+    """One row in words, e.g. for a method page."""
+    head = f"{row['method']} on {TASK_WORDS[row['task']]}"
+    if row.get("error") and row.get("lr") is None:
+        return f"{head}: failed ({row['error'].strip().splitlines()[-1][:80]})."
+    text = (f"{head}: test {fmt(row.get('test_before'))} → {fmt(row.get('test_after'))} at lr {row['lr']:g} "
+            f"(best of {len(row['dev_by_lr'])} on dev), {row['trainable_params']:,} trainable parameters, "
+            f"{fmt(row.get('s_per_step'), 2)} s/step, peak RSS {fmt(row.get('peak_rss_mb'))} MB")
+    if row.get("forgetting") is not None:
+        text += f", forgetting {row['forgetting']:+.4f} nats on held-out plays"
+    return text + "."
+
+
+def paragraph(rows: list[dict]) -> str:
+    body = " ".join(sentence(r) for r in rows)
+    return (f"{MARK} {body} One seed, {row_steps(rows)}; the table with every method and how to reproduce it: "
+            "[benchmarks.md](benchmarks.md).")
+
+
+def row_steps(rows: list[dict]) -> str:
+    return ", ".join(sorted({f"{r['steps']} steps ({r['task']})" for r in rows}))
+
+
+def write_pages(rows: list[dict], folder: Path) -> list[str]:
+    """Rewrite (or insert after "**Measured.**") each page's benchmark paragraph; returns the pages touched."""
+    latest = {(r["task"], r["method"]): r for r in rows}
+    by_page: dict[str, list[dict]] = {}
+    for (task, method), row in sorted(latest.items(), key=lambda kv: (list(PAGES).index(kv[0][1])
+                                                                      if kv[0][1] in PAGES else 99, kv[0][0])):
+        if method in PAGES:
+            by_page.setdefault(PAGES[method], []).append(row)
+    touched = []
+    for page, page_rows in by_page.items():
+        path = folder / page
+        text = path.read_text()
+        new = paragraph(page_rows)
+        if MARK in text:
+            text = re.sub(re.escape(MARK) + r".*?(?=\n\n|\n?\Z)", lambda _: new, text, count=1, flags=re.S)
+        elif re.search(r"\*\*Measured[^*]*\*\*", text):
+            text = re.sub(r"(\*\*Measured[^*]*\*\*.*?)(\n\n|\n?\Z)", lambda m: m.group(1) + "\n\n" + new + m.group(2),
+                          text, count=1, flags=re.S)
+        else:
+            text = text.rstrip("\n") + "\n\n" + new + "\n"
+        path.write_text(text.rstrip("\n") + "\n")
+        touched.append(page)
+    return touched
+
+
 def main() -> None:
-    rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", help="JSON lines written by benchmarks/adapters.py --out")
+    p.add_argument("--pages", type=Path, default=None, help="docs/adapters: also rewrite each method page's numbers")
+    args = p.parse_args()
+    rows = [json.loads(line) for line in open(args.results) if line.strip()]
     print(render(rows))
+    if args.pages is not None:
+        print("pages updated:", ", ".join(write_pages(rows, args.pages)))
 
 
 if __name__ == "__main__":
