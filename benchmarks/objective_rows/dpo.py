@@ -11,9 +11,13 @@
 4. LoRA r 16 / alpha 32 on every projection trained with dpo and with cdpo for the same step budget; exact-answer
    accuracy (greedy) on held-out questions before and after, plus the first-number accuracy (the first number in
    the reply equals the answer), the last step's reward accuracy and margin, and timings.
+5. --sft-steps N (the usual pipeline, and the paper's: preference tuning starts from an SFT model): first LoRA SFT
+   on the train questions' known answers for N steps, merged into the weights (`tokentune export`); that model
+   then samples the pairs, is the "before", and is the frozen reference of DPO / cDPO.
 
   python benchmarks/objective_rows/dpo.py                       # ~15 min on 2 CPU cores (defaults below)
   python benchmarks/objective_rows/dpo.py --train-questions 16 --eval-questions 16 --steps 4 --contrast-steps 2
+  python benchmarks/objective_rows/dpo.py --sft-steps 40        # SFT first, then DPO / cDPO from the SFT model
   python benchmarks/objective_rows/dpo.py --write-pairs examples/data/dpo_math   # data for examples/dpo_math.yaml
 """
 
@@ -35,7 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 MODEL = "builtin:smollm2-135m-instruct"
 DEFAULTS = {"train_questions": 120, "eval_questions": 100, "samples": 4, "temperature": 1.0, "max_new_tokens": 12,
             "steps": 24, "batch_size": 8, "lr": 5e-4, "beta": 0.1, "contrast_steps": 16, "contrast": True,
-            "methods": "dpo,cdpo", "seed": 0}
+            "methods": "dpo,cdpo", "seed": 0, "sft_steps": 0, "sft_lr": 5e-4}
 LORA = {"name": "lora", "r": 16, "alpha": 32, "targets": ["q", "k", "v", "o", "gate", "up", "down"]}
 CONTRAST_LORA = {"name": "lora", "r": 8, "alpha": 16, "targets": ["gate", "up", "down"]}
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -123,7 +127,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def train(run_dir: Path, data: Path, *, objective: dict, adapter: dict, steps: int, batch_size: int, lr: float,
-          seed: int, selectors: list | None = None) -> dict:
+          seed: int, selectors: list | None = None, model: str = MODEL) -> dict:
     """One in-process tokentune run (no evaluation inside); returns its summary and last logged step."""
     from tokentune.config import config_from_dict
     from tokentune.engine.distributed import setup
@@ -131,7 +135,7 @@ def train(run_dir: Path, data: Path, *, objective: dict, adapter: dict, steps: i
     from tokentune.engine.trainer import Trainer
 
     cfg = config_from_dict({
-        "model": {"name": MODEL}, "data": {"train": str(data), "max_length": 128},
+        "model": {"name": model}, "data": {"train": str(data), "max_length": 128},
         "adapter": adapter, "objective": objective, "selectors": selectors or [],
         "train": {"max_steps": steps, "batch_size": batch_size, "grad_accum": 1, "lr": lr, "seed": seed,
                   "save_every": 0, "eval_every": 0, "output_dir": str(run_dir), "warmup_ratio": 0.1,
@@ -152,7 +156,18 @@ def trained_accuracy(run_dir: Path, qa: list, max_new_tokens: int) -> dict:
     return accuracy(session.model, session.tokenizer, qa, max_new_tokens)
 
 
-def contrast_runs(tmp: Path, built: dict, steps: int, seed: int) -> tuple[list, str]:
+def sft_model(tmp: Path, train_qa: list, steps: int, lr: float, seed: int) -> str:
+    """LoRA SFT on the known answers, merged into the weights: the model preference tuning starts from."""
+    from tokentune.engine.export import export_merged
+
+    records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in train_qa]
+    run_dir = tmp / "sft"
+    train(run_dir, write_jsonl(tmp / "sft.jsonl", records), objective={"name": "cross_entropy"}, adapter=LORA,
+          steps=steps, batch_size=8, lr=lr, seed=seed)
+    return str(export_merged(run_dir, tmp / "sft-merged"))
+
+
+def contrast_runs(tmp: Path, built: dict, steps: int, seed: int, model: str = MODEL) -> tuple[list, str]:
     """The critical_tokens selector over two LoRA runs on D+ and D−, or [] with the reason."""
     if steps <= 0:
         return [], "uniform: contrast models off (--no-contrast)"
@@ -163,7 +178,7 @@ def contrast_runs(tmp: Path, built: dict, steps: int, seed: int) -> tuple[list, 
         data = write_jsonl(tmp / f"{side}.jsonl", built[side])
         runs[side] = tmp / f"contrast-{side}"
         train(runs[side], data, objective={"name": "cross_entropy"}, adapter=CONTRAST_LORA, steps=steps,
-              batch_size=8, lr=1e-3, seed=seed)
+              batch_size=8, lr=1e-3, seed=seed, model=model)
     selector = {"name": "critical_tokens", "positive": str(runs["positive"]), "negative": str(runs["negative"]),
                 "mode": "chosen"}  # mode chosen + only_neg unset: scores only; cdpo weighs the two replies itself
     return [selector], f"critical tokens from contrast LoRA runs ({steps} steps each on D+ / D-)"
@@ -185,8 +200,12 @@ def run(args=None) -> list[dict]:
         t0 = time.time()
         train_qa, eval_qa = questions(tmp / "math", option(args, "train_questions"), option(args, "eval_questions"),
                                       seed)
-        tokenizer = load_tokenizer(resolve_ref(MODEL))
-        base = load_model(ModelConfig(name=MODEL)).model
+        sft_steps = option(args, "sft_steps")
+        t_sft = time.time()
+        model = sft_model(tmp, train_qa, sft_steps, option(args, "sft_lr"), seed) if sft_steps > 0 else MODEL
+        sft_seconds = round(time.time() - t_sft, 1)
+        tokenizer = load_tokenizer(resolve_ref(model))
+        base = load_model(ModelConfig(name=model)).model
         built = build_pairs(base, tokenizer, train_qa, k=option(args, "samples"),
                             temperature=option(args, "temperature"), max_new_tokens=max_new, seed=seed)
         before = accuracy(base, tokenizer, eval_qa, max_new)
@@ -203,26 +222,26 @@ def run(args=None) -> list[dict]:
             if method.startswith("cdpo"):
                 if contrast is None:
                     start = time.time()
-                    contrast = (*contrast_runs(tmp, built, contrast_steps, seed), round(time.time() - start, 1))
+                    contrast = (*contrast_runs(tmp, built, contrast_steps, seed, model), round(time.time() - start, 1))
                 selectors, weights, _ = contrast
                 objective = {"name": "cdpo", "beta": option(args, "beta"),
                              "form": "token" if method == "cdpo_token" else "sequence"}
             run_dir = tmp / f"run-{method}"
             result = train(run_dir, data, objective=objective, adapter=LORA, steps=steps,
                            batch_size=option(args, "batch_size"), lr=option(args, "lr"), seed=seed,
-                           selectors=selectors)
+                           selectors=selectors, model=model)
             after = trained_accuracy(run_dir, eval_qa, max_new)
             last, name = result["last"], objective["name"]
             rows.append({
                 "benchmark": "objectives", "objective": method, "task": "arithmetic_preference_pairs",
-                "model": MODEL, "adapter": LORA, "config": objective, "token_weights": weights,
+                "model": MODEL, "sft_steps": sft_steps, "adapter": LORA, "config": objective, "token_weights": weights,
                 "steps": steps, "batch_pairs": option(args, "batch_size"), "lr": option(args, "lr"),
                 "pairs": len(built["pairs"]), **common, "eval_questions": len(eval_qa),
                 "accuracy_before": before["exact"], "accuracy_after": after["exact"],
                 "first_number_before": before["first_number"], "first_number_after": after["first_number"],
                 "final_loss": last["loss"], "final_reward_accuracy": last.get(f"{name}/reward_accuracy"),
                 "final_reward_margin": last.get(f"{name}/reward_margin"),
-                "train_seconds": result["summary"]["train_seconds"], "prep_seconds": prep,
+                "train_seconds": result["summary"]["train_seconds"], "prep_seconds": prep, "sft_seconds": sft_seconds,
                 "contrast_seconds": contrast[2] if method.startswith("cdpo") else 0.0, "env": env})
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -261,6 +280,8 @@ def main() -> None:
     p.add_argument("--no-contrast", dest="contrast", action="store_false", default=None)
     p.add_argument("--methods", help="comma list of dpo, cdpo, cdpo_token")
     p.add_argument("--seed", type=int)
+    p.add_argument("--sft-steps", type=int, help="LoRA SFT on the known answers first, merged; 0 = the base model")
+    p.add_argument("--sft-lr", type=float)
     p.add_argument("--write-pairs", metavar="DIR", help="only write train/eval preference pairs to DIR")
     p.add_argument("--out", help="also append the JSON lines to this file")
     args = p.parse_args()
