@@ -61,7 +61,9 @@ METHODS = {
                                    "weighting": "decay", "decay": 0.95}, "lrs": [1e-4, 1e-3, 1e-2],
                        "data_format": "prompt_completion"},
             "encoder": None},
-    "iapt": {"causal": {"adapter": {"name": "iapt", "bottleneck": 64}, "lrs": [3e-3, 1e-2, 3e-2]},
+    # IAPT causal: the first grid [3e-3, 1e-2, 3e-2] was best at its lowest rate (dev 0.47, 0.33, 0.29; test no gain)
+    # and the paper trains at 1e-4, so the grid moved down to end at that first grid's best.
+    "iapt": {"causal": {"adapter": {"name": "iapt", "bottleneck": 64}, "lrs": [3e-4, 1e-3, 3e-3]},
              "encoder": {"adapter": {"name": "iapt", "bottleneck": 32}, "lrs": [1e-3, 3e-3, 1e-2]}},
     # PTEC classifies through a head (model.task classification, text + label records), so its "after" is the
     # head's accuracy on the same test tweets that the other causal rows answer by generation. The head has its
