@@ -146,6 +146,8 @@ def bench(method: str, task: str, data: dict, general: Path | None, args, tmp: P
         row.update(general_loss_before=base["general"].get("eval/loss"), general_loss_after=after.get("eval/loss"))
         if row["general_loss_before"] is not None and row["general_loss_after"] is not None:
             row["forgetting"] = round(row["general_loss_after"] - row["general_loss_before"], 4)
+        elif "error" in after:  # e.g. CPT reads input/output pairs only: say why the column is empty
+            row["forgetting_error"] = [ln for ln in after["error"].strip().splitlines() if ln.strip()][-3:]
     return row
 
 
