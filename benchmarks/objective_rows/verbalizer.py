@@ -109,8 +109,8 @@ def _config(paths, out_dir: Path, **sections) -> "object":
             "train": {"max_steps": 10, "batch_size": 8, "lr": 5e-4, "seed": 0, "warmup_ratio": 0.1,
                       "schedule": "cosine", "output_dir": str(out_dir)},
             "eval": {"at_start": False, "at_end": True, "batch_size": 8}, "log": {"progress": False, "report": False}}
-    for key, value in sections.items():
-        tree[key] = {**tree.get(key, {}), **value}
+    for key, value in sections.items():  # an adapter section replaces the LoRA one: its keys are its own
+        tree[key] = dict(value) if key == "adapter" else {**tree.get(key, {}), **value}
     return config_from_dict(tree)
 
 
@@ -162,11 +162,11 @@ def _label_word_accuracy(session, paths) -> float:
 
 
 class _Rows(list):
-    """Rows as they finish, echoed to stderr (a long run shows its progress and keeps what it got)."""
+    """Rows as they finish, printed to stdout at once (benchmarks/objectives.py keeps them even if a later row fails)."""
 
     def append(self, row: dict) -> None:
         super().append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+        print(json.dumps(row), flush=True)
 
 
 def run(args) -> list[dict]:
@@ -228,9 +228,8 @@ def main(argv=None) -> None:
         parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=None)
     parser.add_argument("--out", default=None, help="append the JSON lines here too")
     args = parser.parse_args(argv)
-    for row in run(args):
+    for row in run(args):  # already printed as it finished
         line = json.dumps(row)
-        print(line, flush=True)
         if args.out:
             with open(args.out, "a") as fh:
                 fh.write(line + "\n")
