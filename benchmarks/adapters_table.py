@@ -89,10 +89,10 @@ def write_pages(rows: list[dict], folder: Path) -> list[str]:
     """Rewrite (or insert after "**Measured.**") each page's benchmark paragraph; returns the pages touched."""
     latest = {(r["task"], r["method"]): r for r in rows}
     by_page: dict[str, list[dict]] = {}
-    for (task, method), row in sorted(latest.items(), key=lambda kv: (list(PAGES).index(kv[0][1])
-                                                                      if kv[0][1] in PAGES else 99, kv[0][0])):
-        if method in PAGES:
-            by_page.setdefault(PAGES[method], []).append(row)
+    for method, page in PAGES.items():  # the table's order: methods as listed, causal before encoder
+        for task in TASK_WORDS:
+            if (task, method) in latest:
+                by_page.setdefault(page, []).append(latest[(task, method)])
     touched = []
     for page, page_rows in by_page.items():
         path = folder / page
