@@ -26,9 +26,14 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def failure(row: dict) -> str:
+    """The last line of a failed row's error (the exception), short enough for a table cell."""
+    return row["error"].strip().splitlines()[-1][:80]
+
+
 def cell_row(row: dict, causal: bool) -> list[str]:
     if row.get("error") and row.get("lr") is None:
-        return [row["method"], "failed", "", "", "", "", "", "", "", row["error"].strip().splitlines()[-1][:80]]
+        return [row["method"], "failed", "", "", "", "", "", "", "", failure(row)]
     before, after = row.get("test_before"), row.get("test_after")
     delta = None if before is None or after is None else after - before
     dev = ", ".join(f"{lr}: {fmt(v) if isinstance(v, float) else 'failed'}" for lr, v in row["dev_by_lr"].items())
@@ -66,7 +71,7 @@ def sentence(row: dict) -> str:
     """One row in words, e.g. for a method page."""
     head = f"{row['method']} on {TASK_WORDS[row['task']]}"
     if row.get("error") and row.get("lr") is None:
-        return f"{head}: failed ({row['error'].strip().splitlines()[-1][:80]})."
+        return f"{head}: failed ({failure(row)})."
     text = (f"{head}: test {fmt(row.get('test_before'))} → {fmt(row.get('test_after'))} at lr {row['lr']:g} "
             f"(best of {len(row['dev_by_lr'])} on dev), {row['trainable_params']:,} trainable parameters, "
             f"{fmt(row.get('s_per_step'), 2)} s/step, peak RSS {fmt(row.get('peak_rss_mb'))} MB")
